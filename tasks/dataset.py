@@ -1,0 +1,306 @@
+"""The dataset contract every stage reads and writes.
+
+A dataset is a directory holding Parquet shards and a ``manifest.json``. The manifest names each
+shard with its row count and sha256, the schema, the stage config and code version that made the
+dataset, its statistics, and the manifests it was made from (``inputs``): following ``inputs``
+back gives the lineage of any dataset down to the crawl files.
+
+Shards and manifests are written atomically (temporary file in the same directory, then
+``os.replace``) and deterministically (no timestamps, fixed Parquet settings), so a killed run
+leaves no partial file and a re-run writes the same bytes. A directory without ``manifest.json``
+is not a dataset: readers never look at shards the manifest does not list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, Field
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+# Columns every document carries from ingest on; later stages add their own columns.
+DOCUMENT_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("url", pa.string()),
+        pa.field("warc_record_id", pa.string()),
+        pa.field("date", pa.string()),  # ISO 8601 WARC-Date
+        pa.field("source_file", pa.string()),
+        pa.field("source_offset", pa.int64()),  # byte offset of the WARC record in source_file
+        pa.field("snapshot", pa.string()),
+        pa.field("content_type", pa.string()),
+        pa.field("charset", pa.string()),
+    ]
+)
+
+# One row per document a stage did not pass on, and why. ``text`` is kept so a person can judge
+# the rule; ``duplicate_of`` is set by dedup.
+REJECT_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string()),
+        pa.field("url", pa.string()),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),  # "dropped" or "quarantined"
+        pa.field("rule", pa.string(), nullable=False),
+        pa.field("detail", pa.string()),
+        pa.field("source_file", pa.string()),
+        pa.field("source_offset", pa.int64()),
+        pa.field("duplicate_of", pa.string()),
+        pa.field("text", pa.string()),
+    ]
+)
+
+_PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 3, "write_statistics": True}
+ROW_GROUP_SIZE = 2048
+
+
+class ShardInfo(BaseModel):
+    path: str = Field(description="Shard file name, relative to the dataset directory.")
+    rows: int
+    bytes: int
+    sha256: str
+
+
+class InputRef(BaseModel):
+    """What a dataset was made from: another dataset (by the hash of its manifest) or a raw file
+    such as a crawl WARC (by a fingerprint of its size and modification time or ETag)."""
+
+    path: str
+    manifest_sha256: str | None = None
+    fingerprint: str | None = None
+
+
+class Manifest(BaseModel):
+    format_version: int = FORMAT_VERSION
+    stage: str
+    schema_: list[dict[str, str]] = Field(alias="schema", default_factory=list)
+    shards: list[ShardInfo] = Field(default_factory=list)
+    config: dict[str, Any] = Field(default_factory=dict)
+    code_version: str = ""
+    inputs: list[InputRef] = Field(default_factory=list)
+    stats: dict[str, Any] = Field(default_factory=dict)
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    model_config = {"populate_by_name": True}
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(by_alias=True), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
+
+    On any exception the temporary file is removed and ``path`` is left as it was.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_table(table: pa.Table, path: str | os.PathLike[str]) -> ShardInfo:
+    """Write one Parquet shard atomically and return its ShardInfo (name relative to its dir)."""
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE, **_PARQUET_OPTIONS)
+    return ShardInfo(
+        path=target.name, rows=table.num_rows, bytes=target.stat().st_size, sha256=sha256_file(target)
+    )
+
+
+class ShardWriter:
+    """Stream rows into one Parquet shard, a row group at a time, replacing ``path`` atomically on close.
+
+    Memory stays at one row group whatever the shard's size. Used as a context manager: leaving the
+    block by an exception removes the temporary file and leaves no shard.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], schema: pa.Schema, row_group_size: int = ROW_GROUP_SIZE):
+        self.path = Path(path)
+        self.schema = schema
+        self.row_group_size = row_group_size
+        self.rows = 0
+        self._buffer: list[dict[str, Any]] = []
+        self._atomic = atomic_path(self.path)
+        self.info: ShardInfo | None = None
+
+    def __enter__(self) -> ShardWriter:
+        tmp = self._atomic.__enter__()
+        self._writer = pq.ParquetWriter(tmp, self.schema, **_PARQUET_OPTIONS)
+        return self
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._buffer.append(row)
+        if len(self._buffer) >= self.row_group_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buffer:
+            self._writer.write_table(rows_to_table(self._buffer, self.schema).select(self.schema.names))
+            self.rows += len(self._buffer)
+            self._buffer = []
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._flush()
+            self._writer.close()
+        finally:
+            self._atomic.__exit__(exc_type, exc, tb)
+        if exc_type is None:
+            self.info = ShardInfo(
+                path=self.path.name,
+                rows=self.rows,
+                bytes=self.path.stat().st_size,
+                sha256=sha256_file(self.path),
+            )
+
+
+def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows (dicts) to a table with exactly ``schema`` first and any extra columns after, inferred."""
+    if not rows:
+        return schema.empty_table()
+    arrays = [pa.array([r.get(f.name) for r in rows], type=f.type) for f in schema]
+    fields = list(schema)
+    for name in (k for k in rows[0] if schema.get_field_index(k) < 0):
+        arrays.append(pa.array([r.get(name) for r in rows]))
+        fields.append(pa.field(name, arrays[-1].type))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def schema_description(schema: pa.Schema) -> list[dict[str, str]]:
+    return [{"name": f.name, "type": str(f.type)} for f in schema]
+
+
+def manifest_path(dataset_dir: str | os.PathLike[str]) -> Path:
+    return Path(dataset_dir) / MANIFEST
+
+
+def write_manifest(dataset_dir: str | os.PathLike[str], manifest: Manifest) -> Path:
+    """Write the manifest last, atomically: from then on the dataset exists."""
+    target = manifest_path(dataset_dir)
+    atomic_write_text(target, manifest.to_json())
+    return target
+
+
+def read_manifest(dataset_dir: str | os.PathLike[str]) -> Manifest:
+    target = manifest_path(dataset_dir)
+    if not target.exists():
+        raise FileNotFoundError(
+            f"{dataset_dir} is not a dataset: no {MANIFEST} (incomplete or never written)"
+        )
+    return Manifest.model_validate_json(target.read_text(encoding="utf-8"))
+
+
+def manifest_sha256(dataset_dir: str | os.PathLike[str]) -> str:
+    return sha256_file(manifest_path(dataset_dir))
+
+
+def input_ref(dataset_dir: str | os.PathLike[str]) -> InputRef:
+    return InputRef(path=str(Path(dataset_dir).resolve()), manifest_sha256=manifest_sha256(dataset_dir))
+
+
+def shard_paths(dataset_dir: str | os.PathLike[str], manifest: Manifest | None = None) -> list[Path]:
+    manifest = manifest or read_manifest(dataset_dir)
+    return [Path(dataset_dir) / s.path for s in manifest.shards]
+
+
+def verify(dataset_dir: str | os.PathLike[str]) -> Manifest:
+    """Check that every shard listed in the manifest exists with its recorded sha256."""
+    manifest = read_manifest(dataset_dir)
+    for shard in manifest.shards:
+        path = Path(dataset_dir) / shard.path
+        if not path.exists():
+            raise FileNotFoundError(f"shard {path} listed in the manifest is missing")
+        actual = sha256_file(path)
+        if actual != shard.sha256:
+            raise ValueError(f"shard {path}: sha256 {actual} does not match the manifest's {shard.sha256}")
+    return manifest
+
+
+def iter_batches(
+    dataset_dir: str | os.PathLike[str], columns: list[str] | None = None, batch_size: int = ROW_GROUP_SIZE
+) -> Iterator[pa.RecordBatch]:
+    for path in shard_paths(dataset_dir):
+        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns)
+
+
+def iter_rows(
+    dataset_dir: str | os.PathLike[str], columns: list[str] | None = None
+) -> Iterator[dict[str, Any]]:
+    for batch in iter_batches(dataset_dir, columns=columns):
+        yield from batch.to_pylist()
+
+
+def iter_file_rows(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Rows of a single JSONL or Parquet file (the per-stage debugging CLI's input)."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=ROW_GROUP_SIZE):
+            yield from batch.to_pylist()
+        return
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_no}: not valid JSON: {e}") from e
+
+
+def write_file_rows(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> int:
+    """Write rows to one JSONL or Parquet file atomically; returns the row count."""
+    path = Path(path)
+    rows = list(rows)
+    if path.suffix == ".parquet":
+        table = pa.Table.from_pylist(rows) if rows else pa.table({})
+        write_table(table, path)
+    else:
+        body = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
+        atomic_write_text(path, body)
+    return len(rows)

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO.parent / "shared" / "corpus"
+CRAWL = CORPUS / "crawl"
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    if not CORPUS.exists():
+        pytest.fail(f"test corpus not found at {CORPUS}: ../shared must sit beside the checkout")
+    return CORPUS
+
+
+@pytest.fixture(scope="session")
+def crawl(corpus: Path) -> Path:
+    return corpus / "crawl"
+
+
+def snapshot_files(snapshot: str, kind: str = "warc") -> list[Path]:
+    """The files a snapshot's <kind>.paths.gz lists, as local paths."""
+    listing = CRAWL / "crawl-data" / snapshot / f"{kind}.paths.gz"
+    with gzip.open(listing, "rt") as f:
+        return [CRAWL / line.strip() for line in f if line.strip()]
