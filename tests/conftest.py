@@ -27,3 +27,13 @@ def snapshot_files(snapshot: str, kind: str = "warc") -> list[Path]:
     listing = CRAWL / "crawl-data" / snapshot / f"{kind}.paths.gz"
     with gzip.open(listing, "rt") as f:
         return [CRAWL / line.strip() for line in f if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server (SQLite) for every test that runs flows: starting one per module
+    would spend most of the suite's time on database migrations."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=300):
+        yield
