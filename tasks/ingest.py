@@ -93,10 +93,11 @@ class IngestConfig(BaseModel):
         description="Read at most this many document records of each file (trial runs, tests); empty: all.",
     )
     max_html_depth: int = Field(
-        2000,
+        5000,
         gt=0,
         description="Pages nested deeper are quarantined as html_too_deep (main-content extraction "
-        "is quadratic in depth).",
+        "is quadratic in depth: ~0.75 s at 5000, 3 s at 10,000). Pages with fewer tags than this "
+        "are not scanned for depth at all.",
     )
 
 

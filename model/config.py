@@ -1,0 +1,100 @@
+"""The training run's configuration: one pydantic model, read from JSON or YAML.
+
+``TrainConfig`` is what ``python -m model.trainer --config run.json`` reads and what a flow puts in
+its run form. Unknown keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from model.model import PRESETS, ModelConfig, model_config
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(3e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.1, ge=0, description="applied to matrices only")
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class HealthConfig(_Strict):
+    spike_window: int = Field(50, ge=2, description="losses in the z-score window")
+    spike_min_history: int = Field(10, ge=2, description="no spike check before this many losses")
+    spike_zscore: float = Field(6.0, gt=0, description="loss above mean + z * std is a spike")
+    max_rollbacks: int = Field(5, ge=0, description="give up (fail the run) after this many rollbacks")
+    debug_inject_nan_at_step: int | None = Field(None, description="test hook: that step's loss becomes NaN")
+    debug_inject_spike_at_step: int | None = Field(None, description="test hook: that step's loss is scaled")
+    debug_spike_factor: float = 20.0
+
+
+class MlflowConfig(_Strict):
+    tracking_uri: str | None = Field(None, description="no URI: no MLflow logging")
+    experiment: str = "pretrain"
+    run_name: str | None = None
+    run_id: str | None = Field(None, description="log into this existing run (e.g. made by the flow)")
+
+
+class TrainConfig(_Strict):
+    model: str = Field("tiny", description=f"size preset: {', '.join(PRESETS)}")
+    model_overrides: dict[str, Any] = Field(default_factory=dict, description="ModelConfig fields to replace")
+    data_dir: Path
+    checkpoint_dir: Path
+    micro_batch_size: int = Field(8, ge=1, description="sequences per rank per micro-step")
+    grad_accum_steps: int = Field(1, ge=1)
+    max_steps: int = Field(1000, ge=1)
+    seed: int = 0
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    log_interval: int = Field(10, ge=1, description="steps between host syncs of the metrics")
+    checkpoint_interval: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    compile: bool = False
+    activation_checkpointing: bool = False
+    mixed_precision: bool = Field(True, description="bf16 params/activations, fp32 reduce; GPU only")
+    attention_kernel: Literal["default", "cudnn", "flash"] = Field(
+        "default", description="SDPA kernel tried first on GPU (benchmarks/bench_train.py --sdpa)"
+    )
+
+    @model_validator(mode="after")
+    def _check_model(self) -> TrainConfig:
+        self.model_config_for(vocab_size=PRESETS.get(self.model, ModelConfig()).vocab_size)
+        return self
+
+    def model_config_for(self, vocab_size: int, seq_len: int | None = None) -> ModelConfig:
+        """The model's shapes: preset, then the data's vocabulary and sequence length, then overrides."""
+        fields: dict[str, Any] = {"vocab_size": vocab_size}
+        if seq_len is not None:
+            fields["max_seq_len"] = max(
+                seq_len, PRESETS[self.model].max_seq_len if self.model in PRESETS else 0
+            )
+        unknown = set(self.model_overrides) - set(ModelConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown model_overrides: {sorted(unknown)}")
+        return model_config(self.model, **{**fields, **self.model_overrides})
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a TrainConfig from a .json, .yaml or .yml file."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    return TrainConfig.model_validate(data)

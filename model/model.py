@@ -1,0 +1,230 @@
+"""A decoder-only transformer in the modern (Llama) style, in one file.
+
+RoPE positions, RMSNorm before each sub-layer, SwiGLU feed-forward, grouped-query attention through
+``F.scaled_dot_product_attention`` (flash / cuDNN kernels on GPU), optional tied input/output
+embeddings. No parallelism lives here: FSDP, activation checkpointing and ``torch.compile`` are applied
+from the outside by ``model/parallelize.py`` (torchtitan style), so this file stays plain PyTorch.
+
+Size presets (parameter counts for a 32,768-token vocabulary; the trainer takes the vocabulary size from
+the packed data). Every width is a multiple of 128 and every head is 128 wide (but tiny's): the shapes
+the H100 tensor cores and flash attention like.
+
+| preset | dim  | layers | heads | kv heads | ffn hidden | tied | params |
+|--------|------|--------|-------|----------|------------|------|--------|
+| tiny   | 64   | 2      | 4     | 2        | 192        | yes  | 0.1M + vocab·64 (CPU tests) |
+| 125M   | 768  | 12     | 6     | 6        | 2048       | yes  | 110M   |
+| 350M   | 1024 | 24     | 8     | 8        | 2816       | yes  | 342M   |
+| 1B     | 2048 | 16     | 16    | 8        | 8192       | yes  | 1.07B  |
+| 7B     | 4096 | 32     | 32    | 8        | 14336      | no   | 7.25B  |
+
+Initialisation: every weight is a truncated normal (±3σ) with σ = 0.02, the projections that write
+into the residual stream (``wo``, ``w2``) with σ = 0.02 / √(2·layers) (GPT-2), so the residual
+stream's variance does not grow with depth; an untied output head uses σ = dim^-½ so the first
+logits are O(1). Norm weights start at one. ``init_weights`` can run after the parameters were
+materialised from the meta device (and sharded), so large models are never built whole on one host.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_hidden: int = 192
+    vocab_size: int = 32768
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError("head dim must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=192, max_seq_len=512),
+    "125M": ModelConfig(dim=768, n_layers=12, n_heads=6, n_kv_heads=6, ffn_hidden=2048),
+    "350M": ModelConfig(dim=1024, n_layers=24, n_heads=8, n_kv_heads=8, ffn_hidden=2816),
+    "1B": ModelConfig(dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, ffn_hidden=8192),
+    "7B": ModelConfig(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336, tie_embeddings=False
+    ),
+}
+
+
+def model_config(preset: str, **overrides: object) -> ModelConfig:
+    """The preset's shapes with ``overrides`` (e.g. ``vocab_size``) replacing fields."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; known: {', '.join(PRESETS)}")
+    return replace(PRESETS[preset], **overrides)
+
+
+def rope_tables(cfg: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, [max_seq_len, head_dim], in fp32."""
+    half = cfg.head_dim // 2
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, half, device=device, dtype=torch.float32) / half))
+    angles = torch.outer(torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of each head of x [B, H, T, D] by the position's angles (GPT-NeoX layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
+def trunc_normal_(weight: torch.Tensor, std: float, generator: torch.Generator) -> None:
+    """Truncated normal (±3σ) in place. A sharded weight (FSDP's DTensor) gets its slice of the full
+    tensor drawn on every rank alike, so the initial model does not depend on the number of ranks."""
+    if isinstance(weight, DTensor):
+        full = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        nn.init.trunc_normal_(full, std=std, a=-3 * std, b=3 * std, generator=generator)
+        weight.copy_(distribute_tensor(full, weight.device_mesh, weight.placements, src_data_rank=None))
+    else:
+        nn.init.trunc_normal_(weight, std=std, a=-3 * std, b=3 * std, generator=generator)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # A ModuleDict keyed by index keeps parameter names stable whatever wraps a block.
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # Not persistent: recomputed from the config, never stored in checkpoints.
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """(Re)initialise every parameter and buffer in place; works on sharded (DTensor) parameters.
+
+        Draws from its own generator: the result depends on ``seed`` only, not on the global RNG.
+        """
+        cfg = self.cfg
+        gen = torch.Generator(device=self.rope_cos.device).manual_seed(seed)
+        cos, sin = rope_tables(cfg, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        std, residual_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        trunc_normal_(self.tok_embeddings.weight, std, gen)
+        for block in self.layers.values():
+            attn, ffn = block.attention, block.feed_forward
+            for linear in (attn.wq, attn.wk, attn.wv, ffn.w1, ffn.w3):
+                trunc_normal_(linear.weight, std, gen)
+            for linear in (attn.wo, ffn.w2):
+                trunc_normal_(linear.weight, residual_std, gen)
+            nn.init.ones_(block.attention_norm.weight)
+            nn.init.ones_(block.ffn_norm.weight)
+        nn.init.ones_(self.norm.weight)
+        if not cfg.tie_embeddings:
+            trunc_normal_(self.output.weight, cfg.dim**-0.5, gen)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] or, given targets, the mean next-token cross-entropy (fp32 scalar)."""
+        seq_len = tokens.shape[1]
+        if seq_len > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+        h = self.tok_embeddings(tokens)
+        for block in self.layers.values():
+            h = block(h, cos, sin)
+        return self.head(h, targets)
+
+    def head(self, h: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm and output projection; with targets, the loss (a unit of its own, compiled apart)."""
+        logits = self.output(self.norm(h))
+        if targets is None:
+            return logits
+        # fp32 softmax: bf16 log-probabilities lose the precision the loss needs.
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, PaLM appendix B: 6·N + 12·L·d·T.
+
+        N counts the weights that take part in matrix products: every parameter except the embedding
+        table (a lookup), plus the output head, which is the same tensor when tied.
+        """
+        cfg = self.cfg
+        n_matmul = self.num_params() - self.tok_embeddings.weight.numel()
+        if cfg.tie_embeddings:
+            n_matmul += self.output.weight.numel()
+        return 6 * n_matmul + 12 * cfg.n_layers * cfg.dim * seq_len
