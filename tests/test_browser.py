@@ -83,7 +83,9 @@ def custom_run_then_mlflow(platform: local.Platform, page, workdir: Path) -> Non
     page.goto(f"{platform.prefect_ui_url}/deployments", wait_until="domcontentloaded")
     # The flow is called data-refresh too: take the link to the deployment.
     page.locator("a[href*='/deployments/deployment/']", has_text="data-refresh").first.click()
-    page.get_by_text("At 02:00 AM every day").wait_for()
+    page.wait_for_url(re.compile(r"/deployments/deployment/"))
+    page.get_by_role("button", name="Run", exact=True).wait_for()  # the list also shows the schedule
+    page.get_by_text("At 02:00 AM every day").first.wait_for()
     page.screenshot(path=SHOTS / "01-deployment.png")
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("Custom run").click()
@@ -94,9 +96,6 @@ def custom_run_then_mlflow(platform: local.Platform, page, workdir: Path) -> Non
     ).fill(run_name)
 
     # The run form: the parameter model as fields. Change it to a one-file slice of one snapshot.
-    params = form_property(page, "params (Optional)")
-    if params.count():  # an optional model shows a "model | None" switch first
-        page.get_by_text("DataRefreshParams", exact=True).click()
     form_property(page, "Workdir (Optional)").locator("textarea").fill(str(workdir))
     snapshots = form_property(page, "Snapshots (Optional)")
     snapshots.get_by_role("button", name="Add item").click()
@@ -116,10 +115,20 @@ def custom_run_then_mlflow(platform: local.Platform, page, workdir: Path) -> Non
     assert "Crawl (Optional)" in form_text and "Dedup (Optional)" in form_text
 
     page.get_by_role("button", name="Submit").click()
-    page.get_by_role("button", name="View run").click()  # on the "scheduled to start now" toast
-    page.wait_for_url(re.compile(r"/runs/flow-run/"))
-    flow_run_id = page.url.split("/runs/flow-run/")[1].split("?")[0].strip("/")
-    run = httpx.get(f"{platform.prefect_api_url}/flow_runs/{flow_run_id}", timeout=30).json()
+    # The confirmation toast slides in and out; find the run the form created by its name instead.
+    deadline = time.monotonic() + 60
+    created: list = []
+    while not created and time.monotonic() < deadline:
+        created = httpx.post(
+            f"{platform.prefect_api_url}/flow_runs/filter",
+            json={"flow_runs": {"name": {"any_": [run_name]}}},
+            timeout=60,
+        ).json()
+        time.sleep(1)
+    assert len(created) == 1, f"the form created {len(created)} runs named {run_name}"
+    flow_run_id = created[0]["id"]
+    page.goto(f"{platform.prefect_ui_url}/runs/flow-run/{flow_run_id}", wait_until="domcontentloaded")
+    run = httpx.get(f"{platform.prefect_api_url}/flow_runs/{flow_run_id}", timeout=60).json()
     assert run["name"] == run_name
     assert run["parameters"]["params"]["max_files"] == 1
     assert run["parameters"]["params"]["kinds"] == ["wet"]
@@ -133,7 +142,7 @@ def custom_run_then_mlflow(platform: local.Platform, page, workdir: Path) -> Non
         and time.monotonic() < deadline
     ):
         time.sleep(3)
-        run = httpx.get(f"{platform.prefect_api_url}/flow_runs/{flow_run_id}", timeout=30).json()
+        run = httpx.get(f"{platform.prefect_api_url}/flow_runs/{flow_run_id}", timeout=60).json()
     page.reload(wait_until="domcontentloaded")
     page.get_by_text(run_name).first.wait_for()
     page.screenshot(path=SHOTS / "03-run-finished.png")

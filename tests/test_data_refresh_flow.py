@@ -102,8 +102,11 @@ def test_mlflow_run_has_stage_metrics_and_dataset_inputs(
     from flows.data_refresh import data_refresh
 
     workdir = tmp_path_factory.mktemp("mlflow")
-    result = data_refresh(_params(crawl, workdir, build_training_data=False, max_files=1))
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"  # explicit: mlflow exports the last URI it was given
+    result = data_refresh(
+        _params(crawl, workdir, build_training_data=False, max_files=1, mlflow_tracking_uri=uri)
+    )
+    client = mlflow.MlflowClient(tracking_uri=uri)
     run = client.get_run(result["mlflow_run_id"])
     assert run.data.metrics["CC-MAIN-2026-40.ingest.in"] > 0
     assert run.data.params["langid.min_score"]

@@ -30,7 +30,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.Platfor
 
 def api(platform: local.Platform, path: str, body: dict | None = None) -> list | dict:
     url = f"{platform.prefect_api_url}/{path}"
-    response = httpx.post(url, json=body, timeout=30) if body is not None else httpx.get(url, timeout=30)
+    response = httpx.post(url, json=body, timeout=120) if body is not None else httpx.get(url, timeout=120)
     response.raise_for_status()
     return response.json()
 
