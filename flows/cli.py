@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -46,6 +47,8 @@ def prefect_api() -> Iterator[None]:
         return
     from prefect.server.api.server import SubprocessASGIServer
 
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline; no telemetry writes
+
     server = SubprocessASGIServer()
     server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")))
     os.environ["PREFECT_API_URL"] = server.api_url  # inherited by worker processes
@@ -55,7 +58,10 @@ def prefect_api() -> Iterator[None]:
     finally:
         from prefect.logging.handlers import APILogHandler
 
-        APILogHandler.flush()  # the run's last log lines reach the server before it stops
+        for name in ("prefect.flow_runs", "prefect.task_runs"):  # last log lines reach the server first
+            for handler in logging.getLogger(name).handlers:
+                if isinstance(handler, APILogHandler):
+                    handler.flush()
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
 
@@ -155,9 +161,12 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from flows.pretrain import PretrainParams, pretrain
     from tasks.train import LocalLauncher
 
-    data_params = load_params(DataRefreshParams, args.config, {"crawl": args.crawl, "workdir": args.workdir})
-    workdir = Path(data_params.workdir).resolve()
     on_gpu = torch.cuda.is_available()
+    overrides: dict[str, Any] = {"crawl": args.crawl, "workdir": args.workdir}
+    if not on_gpu and not args.config:
+        overrides["pack"] = {"seq_len": 256}  # CPU demo: short windows keep a training step well under 1 s
+    data_params = load_params(DataRefreshParams, args.config, overrides)
+    workdir = Path(data_params.workdir).resolve()
     with prefect_api():
         refreshed = data_refresh(data_params)
         print(f"data: {json.dumps(refreshed['outputs'], indent=2)}")

@@ -237,7 +237,9 @@ def local_command(job: TrainJob, launcher: LocalLauncher) -> list[str]:
 
 def local_env(launcher: LocalLauncher) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"  # lines reach the flow as they are printed
+    # Not PYTHONUNBUFFERED: unbuffered, print() writes the text and its newline separately and two
+    # ranks' lines interleave. The trainer prints whole lines with flush=True instead.
+    env.pop("PYTHONUNBUFFERED", None)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     if launcher.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the trainer picks gloo on CPU
