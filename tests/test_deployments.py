@@ -52,7 +52,12 @@ def test_deployment_file_names_real_flows_and_pools() -> None:
 
 @pytest.mark.slow
 def test_up_applies_the_deployments(platform: local.Platform) -> None:
+    # A deployment turns READY once the worker started by `up` has polled its pool (every ~10 s).
+    deadline = time.monotonic() + 90
     applied = deployments(platform)
+    while any(d["status"] != "READY" for d in applied.values()) and time.monotonic() < deadline:
+        time.sleep(2)
+        applied = deployments(platform)
     assert set(applied) == {"data-refresh", "pretrain", "evaluate"}
     for deployment in applied.values():
         assert deployment["work_pool_name"] == local.WORK_POOL
