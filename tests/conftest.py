@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import gzip
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,21 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=300):
         yield
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """Prefect server, worker and MLflow started by `infra.local.up` on free ports, for one module."""
+    from infra import local
+
+    home = tmp_path_factory.mktemp("platform")
+    with local.running(
+        home, prefect_port=free_port(), mlflow_port=free_port(), timeout=240, echo=print
+    ) as running:
+        yield running

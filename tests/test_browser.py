@@ -15,7 +15,6 @@ import httpx
 import pytest
 
 from infra import local
-from tests.test_infra import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SHOTS = REPO / "test-output" / "browser"
@@ -40,15 +39,6 @@ pytestmark = [
         reason="browser test needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)",
     ),
 ]
-
-
-@pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.Platform]:
-    home = tmp_path_factory.mktemp("platform")
-    with local.running(
-        home, prefect_port=free_port(), mlflow_port=free_port(), timeout=240, echo=print
-    ) as platform:
-        yield platform
 
 
 @pytest.fixture(scope="module")

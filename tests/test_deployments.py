@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,18 +13,8 @@ import pytest
 import yaml
 
 from infra import local
-from tests.test_infra import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.Platform]:
-    home = tmp_path_factory.mktemp("platform")
-    with local.running(
-        home, prefect_port=free_port(), mlflow_port=free_port(), timeout=240, echo=print
-    ) as platform:
-        yield platform
 
 
 def api(platform: local.Platform, path: str, body: dict | None = None) -> list | dict:

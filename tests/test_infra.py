@@ -21,12 +21,7 @@ import pytest
 import yaml
 
 from infra import local
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.conftest import free_port
 
 
 def gone(pid: int) -> bool:
