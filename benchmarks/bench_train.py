@@ -9,12 +9,14 @@ Modes (one GPU unless noted):
   (PaLM FLOPs, 6N + 12·L·d·T per token, against the device's dense bf16 peak) and our/HF ratio.
 - ``--fsdp``, under ``torchrun --nproc-per-node N``: our step only, fixed per-GPU batch; prints per-GPU
   tokens/s and MFU (run with N = 1, 2, 4, 8 to read the scaling).
-- ``--checkpoint``: save and load time of a full checkpoint (model + AdamW state, DCP) for the presets.
+- ``--checkpoint``: save and load time of a full checkpoint (model + AdamW state, DCP) for the presets,
+  and the training time an asynchronous save costs (stall), as a fraction of a 10-minute interval.
 
     python benchmarks/bench_train.py                                  # GPU: 125M, 350M, 1B vs transformers
     python benchmarks/bench_train.py --device cpu --quick             # CPU smoke check (tiny, no compile)
     torchrun --nproc-per-node 8 benchmarks/bench_train.py --fsdp --presets 1B
     python benchmarks/bench_train.py --checkpoint --presets 1B --checkpoint-dir /scratch/ckpt
+    python benchmarks/bench_train.py --presets 350M --no-baseline --profile   # where the time goes
 
 Data are random token ids: throughput depends on shapes only. ``transformers`` is optional; without it
 the baseline column says so.
@@ -30,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,7 +47,7 @@ from model.model import ModelConfig, Transformer, model_config
 from model.parallelize import prefer_attention_kernel
 from model.trainer import build_model, build_optimizer, init_distributed, train_step
 
-DEFAULT_BATCH = {"tiny": 4, "125M": 16, "350M": 16, "1B": 12, "7B": 2}
+DEFAULT_BATCH = {"tiny": 4, "125M": 32, "350M": 24, "1B": 16, "7B": 2}
 VOCAB = 32768
 
 
@@ -85,11 +88,20 @@ def bench_ours(cfg: ModelConfig, batch: int, seq_len: int, device, mesh, args) -
         mixed_precision=device.type == "cuda",
         activation_checkpointing=args.activation_checkpointing,
         compile=args.compile,
+        reshard_after_forward=args.reshard,
+        prefetch=args.prefetch,
     )
     optimizer = build_optimizer(model, OptimConfig())
     micro = random_batch(batch, seq_len, device, seed=dist.get_rank())
+
+    def step() -> None:
+        train_step(model, optimizer, micro, 1.0)
+
     try:
-        return time_steps(lambda: train_step(model, optimizer, micro, 1.0), args.warmup, args.steps, device)
+        times = time_steps(step, args.warmup, args.steps, device)
+        if args.profile and device.type == "cuda" and dist.get_rank() == 0:
+            print(kernel_breakdown(step, device, statistics.median(times)), flush=True)
+        return times
     finally:
         PEAK_MEM["ours"] = peak_mem_gib(device)
 
@@ -132,11 +144,64 @@ def bench_hf(cfg: ModelConfig, batch: int, seq_len: int, device, args) -> list[f
 
     try:
         return time_steps(step, args.warmup, args.steps, device)
+    except torch.OutOfMemoryError:
+        return "out of GPU memory"
     finally:
         PEAK_MEM["hf"] = peak_mem_gib(device)
 
 
 PEAK_MEM: dict[str, float] = {}
+
+# Kernel-name fragments -> category, first match wins (attention before GEMM: cuDNN's attention
+# kernels carry "sm90" and "gemm"-like names too).
+KERNEL_CATEGORIES = [
+    ("nccl", "communication (NCCL)"),
+    ("flash", "attention"),
+    ("fmha", "attention"),
+    ("sdpa", "attention"),
+    ("cudnn", "attention"),
+    ("attention", "attention"),
+    ("gemm", "matmul"),
+    ("nvjet", "matmul"),
+    ("cutlass", "matmul"),
+    ("xmma", "matmul"),
+    ("triton", "fused elementwise / norms / loss (Triton)"),
+    ("adam", "optimizer"),
+    ("multi_tensor", "optimizer / grad clip (foreach)"),
+    ("memcpy", "copies"),
+    ("memset", "copies"),
+    ("copy", "copies"),
+]
+
+
+def kernel_breakdown(step: Callable[[], object], device: torch.device, step_s: float, steps: int = 3) -> str:
+    """Where a step's GPU time goes: kernel time per category over ``steps`` profiled steps."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize(device)
+    per_category: dict[str, float] = {}
+    kernels: list[tuple[float, str]] = []
+    for event in prof.key_averages():
+        if event.device_type != DeviceType.CUDA or event.is_user_annotation:
+            continue
+        ms = event.self_device_time_total / 1e3 / steps
+        name = event.key.lower()
+        category = next((c for frag, c in KERNEL_CATEGORIES if frag in name), "other eager kernels")
+        per_category[category] = per_category.get(category, 0.0) + ms
+        kernels.append((ms, event.key))
+    wall_ms = step_s * 1e3
+    lines = [f"kernel time per step (profiled {steps} steps; step wall time {wall_ms:.1f} ms)"]
+    lines += ["| category | ms/step | % of step |", "|---|---:|---:|"]
+    for category, ms in sorted(per_category.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {category} | {ms:.1f} | {100 * ms / wall_ms:.1f}% |")
+    busy = sum(per_category.values()) - per_category.get("communication (NCCL)", 0.0)
+    lines.append(f"| compute kernels together (no NCCL) | {busy:.1f} | {100 * busy / wall_ms:.1f}% |")
+    lines += ["top kernels:"] + [f"  {ms:7.2f} ms  {name[:110]}" for ms, name in sorted(kernels)[::-1][:15]]
+    return "\n".join(lines)
 
 
 def peak_mem_gib(device: torch.device) -> float:
@@ -209,32 +274,72 @@ def fsdp_scaling(args, device, mesh, peak) -> None:
 
 
 def checkpoint_timing(args, device, mesh) -> None:
-    root = Path(args.checkpoint_dir or tempfile.mkdtemp(prefix="bench_ckpt_"))
-    rank, world = dist.get_rank(), dist.get_world_size()
+    """Save/load time of a full checkpoint, and what saving costs the training loop.
+
+    Trains the preset at its benchmark batch, then: a synchronous save (the loop waits for all of
+    it) and a load; then two asynchronous saves (the first allocates the pinned staging buffers, the
+    second is the steady state) with training going on while the files are written. The stall is the
+    time the loop was blocked plus what the steps taken during the write lost against the median
+    step; as a fraction of a 10-minute checkpoint interval it is the training time lost to saving.
+    """
+    shared = [args.checkpoint_dir or tempfile.mkdtemp(prefix="bench_ckpt_")]
+    dist.broadcast_object_list(shared)  # one directory for all ranks: rank 0's
+    root = Path(shared[0])
+    print(
+        "| preset | ranks | size | sync save | load | async: blocked (first / steady) | written in | steps during | lost in steps | stall | stall / 10 min |"
+    )
+    print("|" + "---|" * 11)
     for preset in args.presets:
-        cfg = model_config(preset, vocab_size=VOCAB, max_seq_len=args.seq_len)
-        model = build_model(cfg, mesh, device, seed=0, mixed_precision=device.type == "cuda")
-        optimizer = build_optimizer(model, OptimConfig())
-        # One step, so that the optimizer state exists and is saved too.
-        train_step(model, optimizer, random_batch(1, min(args.seq_len, 256), device, 0), 1.0)
-        ckpt = Checkpointer(root / preset, keep=1, rank=rank, world_size=world)
-        t0 = time.perf_counter()
-        path = ckpt.save(1, model, optimizer, {"step": 1})
-        save_s = time.perf_counter() - t0
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        t0 = time.perf_counter()
-        ckpt.load(path, model, optimizer)
-        dist.barrier()
-        load_s = time.perf_counter() - t0
-        if rank == 0:
-            print(
-                f"| {preset} | {world} ranks | {size / 2**30:.2f} GiB | save {save_s:.2f} s ({size / 2**30 / save_s:.2f} GiB/s) "
-                f"| load {load_s:.2f} s ({size / 2**30 / load_s:.2f} GiB/s) | {root} |",
-                flush=True,
-            )
-            shutil.rmtree(root / preset, ignore_errors=True)
-        del model, optimizer
+        checkpoint_costs(preset, root, args, device, mesh)
         release(device)
+
+
+def checkpoint_costs(preset: str, root: Path, args, device: torch.device, mesh) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = model_config(preset, vocab_size=VOCAB, max_seq_len=args.seq_len)
+    batch = args.batch or DEFAULT_BATCH.get(preset, 4)
+    model = build_model(
+        cfg, mesh, device, seed=0, mixed_precision=device.type == "cuda", compile=args.compile
+    )
+    optimizer = build_optimizer(model, OptimConfig())
+    step = partial(train_step, model, optimizer, random_batch(batch, args.seq_len, device, seed=rank), 1.0)
+    step_s = statistics.median(time_steps(step, args.warmup, args.steps, device))
+
+    sync = Checkpointer(root / preset / "sync", keep=1, rank=rank, world_size=world)
+    saved = sync.save(1, model, optimizer, {"step": 1})
+    size = sum(f.stat().st_size for f in saved.path.rglob("*") if f.is_file()) / 2**30
+    t0 = time.perf_counter()
+    sync.load(saved.path, model, optimizer)
+    dist.barrier()
+    load_s = time.perf_counter() - t0
+    shutil.rmtree(root / preset / "sync", ignore_errors=True)
+
+    background = Checkpointer(root / preset / "async", keep=1, rank=rank, world_size=world, asynchronous=True)
+    blocked = []
+    for save_step in (2, 3):  # the first save allocates the staging buffers; the second is steady
+        background.save(save_step, model, optimizer, {"step": save_step}, wait=False)
+        during = []
+        while collective_any(background.writing(), device):
+            during += time_steps(step, 0, 1, device)
+        async_saved = background.finish()
+        blocked.append(f"{async_saved.blocked_s:.2f}")
+    background.close()
+    lost = max(0.0, sum(during) - len(during) * step_s)  # signed deviations: noise cancels out
+    stall = async_saved.blocked_s + lost
+    if rank == 0:
+        print(
+            f"| {preset} | {world} | {size:.2f} GiB | {saved.total_s:.1f} s | {load_s:.1f} s "
+            f"| {' / '.join(blocked)} s | {async_saved.total_s:.1f} s | {len(during)} x {step_s * 1e3:.0f} ms "
+            f"| {lost:.2f} s | {stall:.2f} s | {100 * stall / 600:.2f}% |",
+            flush=True,
+        )
+        shutil.rmtree(root / preset, ignore_errors=True)
+
+
+def collective_any(flag: bool, device: torch.device) -> bool:
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def device_name(device: torch.device) -> str:
@@ -261,6 +366,16 @@ def main() -> None:
     parser.add_argument("--checkpoint", action="store_true", help="checkpoint save/load timing")
     parser.add_argument("--checkpoint-dir", default=None)
     parser.add_argument(
+        "--reshard", choices=["auto", "always", "never"], default="auto", help="FSDP reshard after forward"
+    )
+    parser.add_argument("--prefetch", type=int, default=1, help="FSDP blocks gathered ahead")
+    parser.add_argument("--profile", action="store_true", help="print where our step's GPU time goes")
+    parser.add_argument(
+        "--inductor-tuning",
+        action="store_true",
+        help="coordinate-descent tuning of Triton kernels (both sides)",
+    )
+    parser.add_argument(
         "--sdpa", choices=["default", "cudnn", "flash"], default="default", help="attention kernel"
     )
     args = parser.parse_args()
@@ -270,6 +385,10 @@ def main() -> None:
         args.presets, args.seq_len, args.steps, args.warmup, args.compile = "tiny", 128, 3, 1, False
     args.presets = args.presets.split(",")
     torch.backends.cuda.matmul.allow_tf32 = True
+    if args.inductor_tuning:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
 
     prefer_attention_kernel(args.sdpa)  # for both models alike
     _, _, device, mesh = init_distributed()

@@ -18,6 +18,7 @@ from prefect.artifacts import create_link_artifact
 from pydantic import BaseModel, Field
 
 from model.config import OptimConfig, TrainConfig
+from model.parallelize import ReshardPolicy
 from tasks import dataset as ds
 from tasks import evaluate as ev
 from tasks import train as tr
@@ -61,6 +62,13 @@ class PretrainParams(BaseModel):
     compile: bool = False
     activation_checkpointing: bool = False
     mixed_precision: bool = Field(True, description="bf16 compute on GPU.")
+    checkpoint_async: bool = Field(
+        True,
+        description="Write checkpoints in the background; training waits only for the copy to host memory.",
+    )
+    fsdp_reshard_after_forward: ReshardPolicy = Field(
+        "auto", description="Free gathered block weights after forward; auto: only for big models."
+    )
     launcher: tr.Launcher = Field(default_factory=tr.LocalLauncher, description="Where the job runs.")
     retries: int = Field(2, ge=0, description="Training task retries; each resumes from the last checkpoint.")
     mlflow_tracking_uri: str | None = Field(
@@ -96,6 +104,8 @@ def trainer_config(params: PretrainParams, job: tr.TrainJob, uri: str, mlflow_ru
         compile=params.compile,
         activation_checkpointing=params.activation_checkpointing,
         mixed_precision=params.mixed_precision,
+        checkpoint_async=params.checkpoint_async,
+        fsdp_reshard_after_forward=params.fsdp_reshard_after_forward,
         mlflow={"tracking_uri": uri, "experiment": params.mlflow_experiment, "run_id": mlflow_run_id},
     )
 

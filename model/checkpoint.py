@@ -18,6 +18,9 @@ import json
 import os
 import re
 import shutil
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,37 +58,111 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-class Checkpointer:
-    WRITER_THREADS = 8
+@dataclass(frozen=True)
+class Saved:
+    """A checkpoint made complete: where, and what it cost (``blocked_s``: the training loop waited)."""
 
-    def __init__(self, root: Path, keep: int, rank: int, world_size: int) -> None:
+    step: int
+    path: Path
+    blocked_s: float
+    total_s: float
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    step: int
+    future: Future | None  # None: written synchronously
+    started: float
+    blocked_s: float
+
+
+class Checkpointer:
+    """Saves and loads checkpoints under ``root``; every method is collective over all ranks.
+
+    ``asynchronous``: ``save`` returns once the state is copied to (pinned) host memory, and DCP
+    writes it from a background thread over a gloo group of its own (the default group may be NCCL,
+    which must not be driven from two threads), so training goes on while the files are written. The
+    checkpoint becomes complete (marker + rename) in ``finish``, which the trainer calls as soon as
+    every rank's write is done, or before the next save, a rollback or the end of the run.
+    """
+
+    WRITER_THREADS = 8  # per rank: one thread leaves a fast filesystem mostly idle
+
+    def __init__(
+        self, root: Path, keep: int, rank: int, world_size: int, *, asynchronous: bool = False
+    ) -> None:
         self.root, self.keep, self.rank, self.world_size = Path(root), keep, rank, world_size
+        self.asynchronous = asynchronous
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for partial in self.root.glob("step-*.tmp"):
                 shutil.rmtree(partial)  # left by a killed save
+        self._group = dist.new_group(backend="gloo") if asynchronous else None
+        # One writer for the run (each save points it at its directory). On GPU it stages into pinned
+        # host buffers made at the first save and reused after: a fast copy, no allocation per save.
+        self._writer = dcp.FileSystemWriter(
+            self.root, thread_count=self.WRITER_THREADS, cache_staged_state_dict=torch.cuda.is_available()
+        )
+        self._in_flight: _InFlight | None = None
         dist.barrier()
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict) -> Path:
-        """Save model + optimizer (sharded) and this rank's ``extra``; collective over all ranks."""
-        final, tmp = self.root / f"step-{step}", self.root / f"step-{step}.tmp"
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        extra: dict,
+        *,
+        wait: bool = True,
+    ) -> Saved | None:
+        """Save model + optimizer (sharded) and this rank's ``extra``.
+
+        Synchronous, or asynchronous with ``wait``: returns the complete checkpoint. Asynchronous
+        without ``wait``: returns None once the state is staged; ``finish`` completes it. One save
+        at a time (the stager's buffers are reused): finish the previous one first.
+        """
+        if self._in_flight is not None:
+            raise RuntimeError(f"checkpoint of step {self._in_flight.step} is still in flight")
+        started = time.perf_counter()
+        tmp = self.root / f"step-{step}.tmp"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        model_state, optim_state = get_state_dict(model, optimizer)
-        # Several writer threads per rank: one thread leaves a fast filesystem mostly idle.
-        writer = dcp.FileSystemWriter(tmp, thread_count=self.WRITER_THREADS)
-        dcp.save({"model": model_state, "optim": optim_state}, storage_writer=writer)
         rank_file = tmp / f"rank{self.rank}.pt"
         torch.save(extra, rank_file)
         with open(rank_file, "rb+") as f:
             os.fsync(f.fileno())
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        future = None
+        if self.asynchronous:
+            future = dcp.async_save(
+                state, checkpoint_id=tmp, storage_writer=self._writer, process_group=self._group
+            )
+        else:
+            dcp.save(state, checkpoint_id=tmp, storage_writer=self._writer)
+        self._in_flight = _InFlight(step, future, started, time.perf_counter() - started)
+        return self.finish() if wait or not self.asynchronous else None
+
+    def writing(self) -> bool:
+        """Whether this rank is still writing the save in flight (local: no collective)."""
+        pending = self._in_flight
+        return pending is not None and pending.future is not None and not pending.future.done()
+
+    def finish(self) -> Saved | None:
+        """Wait for the save in flight, if any, and make it a complete checkpoint."""
+        pending, self._in_flight = self._in_flight, None
+        if pending is None:
+            return None
+        if pending.future is not None:
+            pending.future.result()  # raises what the background write raised
+        final, tmp = self.root / f"step-{pending.step}", self.root / f"step-{pending.step}.tmp"
         dist.barrier()
         if self.rank == 0:
             marker = tmp / COMPLETE
             with open(marker, "w") as f:
-                json.dump({"step": step, "world_size": self.world_size}, f)
+                json.dump({"step": pending.step, "world_size": self.world_size}, f)
                 f.flush()
                 os.fsync(f.fileno())
             _fsync_dir(tmp)
@@ -96,7 +173,11 @@ class Checkpointer:
             for _, old in complete_checkpoints(self.root)[: -self.keep]:
                 shutil.rmtree(old)
         dist.barrier()
-        return final
+        return Saved(pending.step, final, pending.blocked_s, time.perf_counter() - pending.started)
+
+    def close(self) -> None:
+        """Free the pinned staging buffers (after the last ``finish``); a later save makes new ones."""
+        self._writer.state_dict_cache = None
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Load model + optimizer in place from ``path``; returns this rank's ``extra``."""

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model.model import PRESETS, ModelConfig, model_config
+from model.parallelize import ReshardPolicy
 
 
 class _Strict(BaseModel):
@@ -62,8 +63,16 @@ class TrainConfig(_Strict):
     log_interval: int = Field(10, ge=1, description="steps between host syncs of the metrics")
     checkpoint_interval: int = Field(500, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
+    checkpoint_async: bool = Field(
+        True,
+        description="write checkpoints in the background; training waits only for the copy to host memory",
+    )
     compile: bool = False
     activation_checkpointing: bool = False
+    fsdp_reshard_after_forward: ReshardPolicy = Field(
+        "auto", description="free gathered block weights after forward; auto: only for big models"
+    )
+    fsdp_prefetch: int = Field(1, ge=1, description="blocks gathered ahead of the one computing")
     mixed_precision: bool = Field(True, description="bf16 params/activations, fp32 reduce; GPU only")
     attention_kernel: Literal["default", "cudnn", "flash"] = Field(
         "default", description="SDPA kernel tried first on GPU (benchmarks/bench_train.py --sdpa)"

@@ -7,6 +7,8 @@ each block and finally the root (embeddings, final norm, output head).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -31,6 +33,26 @@ def prefer_attention_kernel(name: str) -> None:
     sdpa_kernel(list(dict.fromkeys(order)), set_priority=True).__enter__()  # process-wide on purpose
 
 
+ReshardPolicy = Literal["auto", "always", "never"]
+
+
+def resolve_reshard(policy: ReshardPolicy, model: Transformer, mesh: DeviceMesh) -> bool:
+    """Whether blocks free their gathered weights after forward (and gather them again for backward).
+
+    "auto": keep them when there is one rank (nothing to gather) or when the whole model's bf16 weights
+    take at most 1/16 of the GPU's memory (e.g. 1B on an 80 GB card): one all-gather per block instead
+    of two, a third less traffic, for a few GiB. Bigger models (7B+) reshard, as ZeRO-3 does.
+    """
+    if policy != "auto":
+        return policy == "always"
+    if mesh.size() == 1:
+        return False
+    if mesh.device_type != "cuda":
+        return True
+    gathered_bytes = 2 * model.num_params()
+    return gathered_bytes > torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 16
+
+
 def parallelize(
     model: Transformer,
     mesh: DeviceMesh,
@@ -38,13 +60,18 @@ def parallelize(
     mixed_precision: bool,
     activation_checkpointing: bool = False,
     compile: bool = False,
+    reshard_after_forward: ReshardPolicy = "auto",
+    prefetch: int = 1,
 ) -> Transformer:
     """Shard ``model`` over ``mesh`` with FSDP2, in place; returns it for chaining.
 
     ``mixed_precision``: parameters are gathered and computed in bf16 while the sharded master
     weights, the optimizer and the gradient reduce-scatter stay fp32 (summing bf16 gradients across
     many ranks loses precision). Off on CPU, where everything is fp32.
+    ``prefetch``: how many blocks ahead (forward) or behind (backward) are gathered while a block
+    computes; 1 is FSDP2's own default, more hides slow links at the cost of memory.
     """
+    reshard = resolve_reshard(reshard_after_forward, model, mesh)
     for name, block in list(model.layers.items()):
         if activation_checkpointing:
             block = checkpoint_wrapper(block, preserve_rng_state=False)
@@ -65,9 +92,11 @@ def parallelize(
         fsdp_kwargs["mp_policy"] = mp
     blocks: list[nn.Module] = list(model.layers.values())
     for i, block in enumerate(blocks):
-        # Free a block's gathered parameters after its forward (gather again for backward), except
-        # the last block's, which backward needs at once, and on one rank, where there is nothing to save.
-        reshard = mesh.size() > 1 and i < len(blocks) - 1
-        fully_shard(block, reshard_after_forward=reshard, **fsdp_kwargs)
+        # The last block's weights are needed again at once by backward: never free them.
+        fully_shard(block, reshard_after_forward=reshard and i < len(blocks) - 1, **fsdp_kwargs)
     fully_shard(model, **fsdp_kwargs)
+    if prefetch > 1:
+        for i, block in enumerate(blocks):
+            block.set_modules_to_forward_prefetch(blocks[i + 1 : i + 1 + prefetch])
+            block.set_modules_to_backward_prefetch(blocks[max(0, i - prefetch) : i][::-1])
     return model

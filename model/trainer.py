@@ -1,15 +1,15 @@
 """The training job: ``torchrun --nproc-per-node N -m model.trainer --config run.json`` (or .yaml).
 
 One code path for CPU and GPU: gloo + fp32 on CPU, NCCL + bf16 mixed precision on GPU; FSDP2 over
-all ranks either way. Each step: gradient-accumulated forward/backward, global grad-norm clipping,
-fused AdamW whose update is skipped *on the device* when the loss or gradient is not finite (the
+all ranks either way. Each step: gradient-accumulated forward/backward, global grad-norm clipping
+folded into the fused AdamW kernel, whose update is skipped *on the device* when the loss or gradient is not finite (the
 ``found_inf`` flag of the fused kernel: no host sync), linear warmup + cosine decay to a floor.
 
 The host syncs only at "sync points" (every ``log_interval`` steps, at checkpoints, at the end):
 there the per-step losses come over in one transfer, metrics are handed to a background thread,
 non-finite steps are reported, the loss-spike detector runs (a spike rolls back to the last good
-checkpoint and skips the offending batch), and a SIGTERM seen by any rank becomes a checkpoint and a
-clean exit on all ranks.
+checkpoint and skips the offending batch), a checkpoint whose background write has finished on every
+rank is made complete, and a SIGTERM seen by any rank becomes a checkpoint and a clean exit on all ranks.
 
 Progress protocol on rank 0's stdout, one JSON object per line: ``METRIC {...}`` per sync point,
 ``EVENT {...}`` for start, resume, skips, rollbacks, checkpoints, preemption and ``done``/``failed``.
@@ -33,12 +33,12 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from model.checkpoint import Checkpointer, latest_checkpoint
+from model.checkpoint import Checkpointer, Saved, latest_checkpoint
 from model.config import OptimConfig, TrainConfig, load_config
 from model.health import SpikeDetector
 from model.metrics import MetricsLogger, peak_bf16_flops
 from model.model import ModelConfig, Transformer
-from model.parallelize import parallelize, prefer_attention_kernel
+from model.parallelize import ReshardPolicy, parallelize, prefer_attention_kernel
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -69,6 +69,8 @@ def build_model(
     mixed_precision: bool,
     activation_checkpointing: bool = False,
     compile: bool = False,
+    reshard_after_forward: ReshardPolicy = "auto",
+    prefetch: int = 1,
 ) -> Transformer:
     """Build on the meta device, shard, then materialise and initialise only each rank's shard."""
     with torch.device("meta"):
@@ -79,19 +81,20 @@ def build_model(
         mixed_precision=mixed_precision,
         activation_checkpointing=activation_checkpointing,
         compile=compile,
+        reshard_after_forward=reshard_after_forward,
+        prefetch=prefetch,
     )
     model.to_empty(device=device)
     model.init_weights(seed)
     return model
 
 
-def clip_grad_norm_(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip gradients to a global L2 norm; returns the norm before clipping (a device scalar, no sync)."""
+def grad_norm(model: torch.nn.Module) -> torch.Tensor:
+    """The global L2 norm of the gradients (a device scalar, no sync)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads, foreach=True)
     if isinstance(total, DTensor):
         total = total.full_tensor()  # sharded grads: the partial norms are summed across ranks here
-    torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, total, foreach=True)
     return total
 
 
@@ -118,12 +121,16 @@ def train_step(
             loss = loss * loss_scale
         (loss / n).backward()
         loss_sum += loss.detach()
-    grad_norm = clip_grad_norm_(model, grad_clip)
-    finite = torch.isfinite(grad_norm)
-    optimizer.found_inf = (~finite).float()  # read by the fused kernel: skip the update, keep the state
+    norm = grad_norm(model)
+    finite = torch.isfinite(norm)
+    # Both read by the fused AdamW kernel (the hooks torch's GradScaler uses): it divides every
+    # gradient by grad_scale, which clips to the global norm without a pass of its own over the
+    # gradients, and skips the update (keeping the state) when found_inf is set.
+    optimizer.grad_scale = (norm / grad_clip).clamp(min=1.0)
+    optimizer.found_inf = (~finite).float()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum / n, grad_norm, finite
+    return loss_sum / n, norm, finite
 
 
 def init_distributed() -> tuple[int, int, torch.device, DeviceMesh]:
@@ -199,9 +206,13 @@ class Trainer:
             mixed_precision=cfg.mixed_precision and self.is_cuda,
             activation_checkpointing=cfg.activation_checkpointing,
             compile=cfg.compile,
+            reshard_after_forward=cfg.fsdp_reshard_after_forward,
+            prefetch=cfg.fsdp_prefetch,
         )
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.checkpointer = Checkpointer(cfg.checkpoint_dir, cfg.keep_checkpoints, self.rank, self.world)
+        self.checkpointer = Checkpointer(
+            cfg.checkpoint_dir, cfg.keep_checkpoints, self.rank, self.world, asynchronous=cfg.checkpoint_async
+        )
         self.detector = SpikeDetector(
             cfg.health.spike_window, cfg.health.spike_min_history, cfg.health.spike_zscore
         )
@@ -243,7 +254,9 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def _save(self) -> Path:
+    def _save(self, *, wait: bool) -> None:
+        """Checkpoint now; asynchronous saves complete later, in ``_finish_save``."""
+        self._finish_save()
         extra = {
             "state": asdict(self.state),
             "detector": self.detector.state_dict(),
@@ -251,9 +264,23 @@ class Trainer:
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(self.device) if self.is_cuda else None,
         }
-        path = self.checkpointer.save(self.state.step, self.model, self.optimizer, extra)
-        self.metrics.event("checkpoint", self.state.step, path=str(path))
-        return path
+        self._report_saved(
+            self.checkpointer.save(self.state.step, self.model, self.optimizer, extra, wait=wait)
+        )
+
+    def _finish_save(self) -> None:
+        """Complete the save in flight, if any (waits for its writes)."""
+        self._report_saved(self.checkpointer.finish())
+
+    def _report_saved(self, saved: Saved | None) -> None:
+        if saved is not None:
+            self.metrics.event(
+                "checkpoint",
+                saved.step,
+                path=str(saved.path),
+                blocked_s=saved.blocked_s,
+                total_s=saved.total_s,
+            )
 
     def _load(self, path: Path) -> None:
         extra = self.checkpointer.load(path, self.model, self.optimizer)
@@ -294,6 +321,7 @@ class Trainer:
     def run(self) -> None:
         try:
             self._loop()
+            self.checkpointer.close()
         except Exception as exc:
             self.metrics.event("failed", self.state.step, error=repr(exc), traceback=traceback.format_exc())
             raise
@@ -314,12 +342,12 @@ class Trainer:
             lr = lr_at(self.state.step, cfg.optim, cfg.max_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss, grad_norm, finite = train_step(
+            loss, norm, finite = train_step(
                 self.model, self.optimizer, micro, cfg.optim.grad_clip, self._loss_scale(self.state.data_step)
             )
             self.state.step += 1
             self.state.tokens_seen += self.tokens_per_step
-            pending.append(_Pending(self.state.step, self.state.data_step, lr, loss, grad_norm, finite))
+            pending.append(_Pending(self.state.step, self.state.data_step, lr, loss, norm, finite))
 
             step = self.state.step
             at_checkpoint = step % cfg.checkpoint_interval == 0 or step == cfg.max_steps
@@ -330,13 +358,16 @@ class Trainer:
             if rolled_back:
                 batches = iter(self.loader)
             else:
-                stop = self._any_rank_stopping()
+                stop, writing = self._collective_flags()
+                if not writing:
+                    self._finish_save()  # every rank has written: the checkpoint becomes complete now
                 if at_checkpoint or stop:
-                    self._save()
+                    self._save(wait=stop or step == cfg.max_steps)
                 if stop:
                     self.metrics.event("preempted", step, tokens_seen=self.state.tokens_seen)
                     return
             interval_start = time.perf_counter()
+        self._finish_save()
         final = latest_checkpoint(cfg.checkpoint_dir)
         self.metrics.event(
             "done", self.state.step, tokens_seen=self.state.tokens_seen, checkpoint=str(final),
@@ -344,10 +375,14 @@ class Trainer:
             mlflow_run_id=self.metrics.run_id,
         )  # fmt: skip
 
-    def _any_rank_stopping(self) -> bool:
-        flag = torch.tensor([float(self.stop_requested)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def _collective_flags(self) -> tuple[bool, bool]:
+        """(a SIGTERM reached some rank, some rank is still writing a checkpoint): one all-reduce."""
+        flags = torch.tensor(
+            [float(self.stop_requested), float(self.checkpointer.writing())], device=self.device
+        )
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, writing = flags.tolist()
+        return bool(stop), bool(writing)
 
     def _sync(self, pending: list[_Pending], elapsed: float, data_wait: float) -> bool:
         """Bring the pending steps to the host (one transfer), report them, run the health checks.
@@ -401,6 +436,7 @@ class Trainer:
 
     def _rollback(self, at: _Pending, loss: float, z: float) -> None:
         health = self.cfg.health
+        self._finish_save()  # a save in flight is of a step before the spike: good to roll back to
         good = latest_checkpoint(self.cfg.checkpoint_dir)
         if good is None:
             self.metrics.event(

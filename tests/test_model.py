@@ -200,6 +200,30 @@ def test_nonfinite_step_leaves_weights_and_optimizer_state_untouched(one_rank_gr
     assert not torch.equal(before[0]["norm.weight"], model.norm.weight.full_tensor())
 
 
+def test_clipping_folded_into_the_optimizer_equals_clipping_the_gradients(one_rank_group):
+    def model_and_optimizer():
+        model = build_model(
+            model_config("tiny", vocab_size=VOCAB),
+            one_rank_group,
+            torch.device("cpu"),
+            seed=0,
+            mixed_precision=False,
+        )
+        return model, build_optimizer(model, OptimConfig(lr=1e-2, warmup_steps=0))
+
+    batch = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(5))
+    micro = [(batch[:, :-1], batch[:, 1:])]
+    folded, folded_opt = model_and_optimizer()
+    _, norm, _ = train_step(folded, folded_opt, micro, grad_clip=0.05)
+    explicit, explicit_opt = model_and_optimizer()
+    explicit(*micro[0]).backward()
+    explicit_norm = torch.nn.utils.clip_grad_norm_(explicit.parameters(), 0.05, foreach=True)
+    explicit_opt.step()
+    assert norm.item() > 0.05 and norm.item() == pytest.approx(explicit_norm.full_tensor().item())
+    for (name, a), b in zip(folded.named_parameters(), explicit.parameters(), strict=True):
+        torch.testing.assert_close(a.full_tensor(), b.full_tensor(), rtol=1e-6, atol=1e-7, msg=name)
+
+
 # -- health -----------------------------------------------------------------------------------------
 
 

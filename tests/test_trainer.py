@@ -189,8 +189,10 @@ def test_kill_9_then_resume_gives_the_bitwise_same_losses(packed, reference, tmp
     assert all((p / COMPLETE).exists() for _, p in complete_checkpoints(ckpts))
 
 
-def test_sigterm_checkpoints_and_stops_cleanly(packed, tmp_path):
-    run = train(config(packed, tmp_path), tmp_path, stop_after_checkpoint=8, sig=signal.SIGTERM)
+@pytest.mark.parametrize("checkpoint_async", [True, False], ids=["async-save", "sync-save"])
+def test_sigterm_checkpoints_and_stops_cleanly(packed, tmp_path, checkpoint_async):
+    cfg = config(packed, tmp_path, checkpoint_async=checkpoint_async)
+    run = train(cfg, tmp_path, stop_after_checkpoint=8, sig=signal.SIGTERM)
     preempted = run.named("preempted")
     assert preempted, "\n".join(run.lines[-40:])
     step = preempted[0]["step"]
