@@ -395,9 +395,7 @@ def run_dedup(
             key=key,
         )
         report.add(snapshot, manifest)
-        cluster_rows.append(
-            {"snapshot": snapshot, **_flat_scalars(manifest.extra.get("dedup", {}))}
-        )
+        cluster_rows.append({"snapshot": snapshot, **_flat_scalars(manifest.extra.get("dedup", {}))})
         outputs.append(output_dir)
         previous_key = key
     report.extras["dedup"] = cluster_rows
