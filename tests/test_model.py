@@ -19,6 +19,7 @@ from model.config import OptimConfig, TrainConfig, load_config
 from model.health import SpikeDetector
 from model.metrics import MetricsLogger, peak_bf16_flops
 from model.model import Attention, Transformer, apply_rope, model_config, rope_tables
+from model.parallelize import resolve_reshard
 from model.trainer import build_model, build_optimizer, lr_at, train_step
 
 VOCAB = 256
@@ -198,6 +199,13 @@ def test_nonfinite_step_leaves_weights_and_optimizer_state_untouched(one_rank_gr
     loss, norm, finite = train_step(model, opt, micro, grad_clip=1.0)  # and it trains on afterwards
     assert finite.item()
     assert not torch.equal(before[0]["norm.weight"], model.norm.weight.full_tensor())
+
+
+def test_reshard_policy(one_rank_group):
+    model = tiny()
+    assert resolve_reshard("auto", model, one_rank_group) is False  # one rank: nothing to gather again
+    assert resolve_reshard("always", model, one_rank_group) is True
+    assert resolve_reshard("never", model, one_rank_group) is False
 
 
 def test_clipping_folded_into_the_optimizer_equals_clipping_the_gradients(one_rank_group):

@@ -189,6 +189,15 @@ def test_kill_9_then_resume_gives_the_bitwise_same_losses(packed, reference, tmp
     assert all((p / COMPLETE).exists() for _, p in complete_checkpoints(ckpts))
 
 
+def test_fsdp_reshard_and_prefetch_settings_leave_the_losses_bitwise_equal(packed, reference, tmp_path):
+    """Keeping gathered weights and prefetching two blocks change memory and overlap, not the math."""
+    ref, _ = reference
+    cfg = config(packed, tmp_path, fsdp_reshard_after_forward="never", fsdp_prefetch=2)
+    run = train(cfg, tmp_path)
+    assert run.returncode == 0, "\n".join(run.lines[-40:])
+    assert run.losses() == ref.losses()
+
+
 @pytest.mark.parametrize("checkpoint_async", [True, False], ids=["async-save", "sync-save"])
 def test_sigterm_checkpoints_and_stops_cleanly(packed, tmp_path, checkpoint_async):
     cfg = config(packed, tmp_path, checkpoint_async=checkpoint_async)
