@@ -45,6 +45,14 @@ def one_rank_group(tmp_path_factory):
     dist.destroy_process_group()
 
 
+def sharded_tiny(mesh, seed: int = 0):
+    """The tiny model through ``build_model`` (FSDP over ``mesh``, fp32) and its optimizer."""
+    model = build_model(
+        model_config("tiny", vocab_size=VOCAB), mesh, torch.device("cpu"), seed=seed, mixed_precision=False
+    )
+    return model, build_optimizer(model, OptimConfig(lr=1e-2, warmup_steps=0))
+
+
 # -- model ------------------------------------------------------------------------------------------
 
 
@@ -167,14 +175,7 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_nonfinite_step_leaves_weights_and_optimizer_state_untouched(one_rank_group):
-    model = build_model(
-        model_config("tiny", vocab_size=VOCAB),
-        one_rank_group,
-        torch.device("cpu"),
-        seed=0,
-        mixed_precision=False,
-    )
-    opt = build_optimizer(model, OptimConfig(lr=1e-2, warmup_steps=0))
+    model, opt = sharded_tiny(one_rank_group)
     batch = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(4))
     micro = [(batch[:, :-1], batch[:, 1:])]
     loss, norm, finite = train_step(model, opt, micro, grad_clip=1.0)
@@ -209,21 +210,11 @@ def test_reshard_policy(one_rank_group):
 
 
 def test_clipping_folded_into_the_optimizer_equals_clipping_the_gradients(one_rank_group):
-    def model_and_optimizer():
-        model = build_model(
-            model_config("tiny", vocab_size=VOCAB),
-            one_rank_group,
-            torch.device("cpu"),
-            seed=0,
-            mixed_precision=False,
-        )
-        return model, build_optimizer(model, OptimConfig(lr=1e-2, warmup_steps=0))
-
     batch = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(5))
     micro = [(batch[:, :-1], batch[:, 1:])]
-    folded, folded_opt = model_and_optimizer()
+    folded, folded_opt = sharded_tiny(one_rank_group)
     _, norm, _ = train_step(folded, folded_opt, micro, grad_clip=0.05)
-    explicit, explicit_opt = model_and_optimizer()
+    explicit, explicit_opt = sharded_tiny(one_rank_group)
     explicit(*micro[0]).backward()
     explicit_norm = torch.nn.utils.clip_grad_norm_(explicit.parameters(), 0.05, foreach=True)
     explicit_opt.step()
@@ -253,17 +244,7 @@ def test_spike_detector_flags_jumps_not_noise_and_round_trips():
 
 
 def test_checkpoint_round_trip_keep_last_and_partial_saves_ignored(one_rank_group, tmp_path):
-    def fresh():
-        model = build_model(
-            model_config("tiny", vocab_size=VOCAB),
-            one_rank_group,
-            torch.device("cpu"),
-            seed=7,
-            mixed_precision=False,
-        )
-        return model, build_optimizer(model, OptimConfig(lr=1e-2, warmup_steps=0))
-
-    model, opt = fresh()
+    model, opt = sharded_tiny(one_rank_group, seed=7)
     batch = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(6))
     micro = [(batch[:, :-1], batch[:, 1:])]
     ckpt = Checkpointer(tmp_path, keep=2, rank=0, world_size=1)
@@ -280,7 +261,7 @@ def test_checkpoint_round_trip_keep_last_and_partial_saves_ignored(one_rank_grou
     assert not (tmp_path / "step-10.tmp").exists()
 
     expected_next = train_step(model, opt, micro, grad_clip=1.0)[0].item()
-    model2, opt2 = fresh()
+    model2, opt2 = sharded_tiny(one_rank_group, seed=7)
     extra = ckpt.load(tmp_path / "step-3", model2, opt2)
     assert extra == {"step": 3}
     assert train_step(model2, opt2, micro, grad_clip=1.0)[0].item() == expected_next  # bitwise
