@@ -23,6 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.crawl_pages import html_responses  # noqa: E402
 from tasks import dataset as ds  # noqa: E402
 from tasks.dedup import DedupConfig, dedup_datasets  # noqa: E402
 from tasks.ingest import IngestConfig, iter_documents, list_crawl_files  # noqa: E402
@@ -79,20 +80,12 @@ def lid_accuracy() -> tuple[float, int]:
 
 def html_pages(files: list[str], limit: int) -> list[dict]:
     """Raw HTML responses (status 200, text/html) as the peer's input, decoded as the peer would."""
-    from warcio.archiveiterator import ArchiveIterator
-
     pages = []
     for path in files:
-        with open(path, "rb") as f:
-            for record in ArchiveIterator(f):
-                if record.rec_type != "response" or record.http_headers.get_statuscode() != "200":
-                    continue
-                if "text/html" not in (record.http_headers.get_header("Content-Type") or ""):
-                    continue
-                body = record.content_stream().read()
-                pages.append({"id": record.rec_headers.get_header("WARC-Record-ID"), "html": body})
-                if len(pages) >= limit:
-                    return pages
+        for record_id, _, body in html_responses(path):
+            pages.append({"id": record_id, "html": body})
+            if len(pages) >= limit:
+                return pages
     return pages
 
 

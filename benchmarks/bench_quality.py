@@ -35,6 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.crawl_pages import html_responses  # noqa: E402
 from tasks.quality import QualityStage  # noqa: E402
 from tasks.stage import StageStats, run_stage  # noqa: E402
 
@@ -48,7 +49,6 @@ def crawl_documents() -> list[dict]:
     import fasttext
     from resiliparse.extract.html2text import extract_plain_text
     from resiliparse.parse.encoding import bytes_to_str, detect_encoding
-    from warcio.archiveiterator import ArchiveIterator
 
     fasttext.FastText.eprint = lambda *args, **kwargs: None
     model = fasttext.load_model(str(LID_MODEL))
@@ -57,22 +57,15 @@ def crawl_documents() -> list[dict]:
         with gzip.open(CRAWL / "crawl-data" / snapshot / "warc.paths.gz", "rt") as listing:
             paths = [CRAWL / line.strip() for line in listing if line.strip()]
         for path in paths:
-            with open(path, "rb") as f:
-                for record in ArchiveIterator(f):
-                    if record.rec_type != "response" or record.http_headers.get_statuscode() != "200":
-                        continue
-                    if "text/html" not in (record.http_headers.get_header("Content-Type") or ""):
-                        continue
-                    payload = record.content_stream().read()
-                    html = bytes_to_str(payload, detect_encoding(payload))
-                    text = extract_plain_text(html, main_content=True)
-                    if not text.strip():
-                        continue
-                    labels, _ = model.predict(" ".join(text.split())[:5000])
-                    url = record.rec_headers.get_header("WARC-Target-URI")
-                    docs.append(
-                        {"doc_id": f"{snapshot}/{len(docs)}", "url": url, "text": text, "lang": labels[0][9:]}
-                    )
+            for _, url, payload in html_responses(path):
+                html = bytes_to_str(payload, detect_encoding(payload))
+                text = extract_plain_text(html, main_content=True)
+                if not text.strip():
+                    continue
+                labels, _ = model.predict(" ".join(text.split())[:5000])
+                docs.append(
+                    {"doc_id": f"{snapshot}/{len(docs)}", "url": url, "text": text, "lang": labels[0][9:]}
+                )
     return docs
 
 

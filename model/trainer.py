@@ -27,6 +27,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,7 +39,7 @@ from model.config import OptimConfig, TrainConfig, load_config
 from model.health import SpikeDetector
 from model.metrics import MetricsLogger, peak_bf16_flops
 from model.model import ModelConfig, Transformer
-from model.parallelize import ReshardPolicy, parallelize, prefer_attention_kernel
+from model.parallelize import parallelize, prefer_attention_kernel
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -66,24 +67,15 @@ def build_model(
     device: torch.device,
     *,
     seed: int,
-    mixed_precision: bool,
-    activation_checkpointing: bool = False,
-    compile: bool = False,
-    reshard_after_forward: ReshardPolicy = "auto",
-    prefetch: int = 1,
+    **parallel: Any,
 ) -> Transformer:
-    """Build on the meta device, shard, then materialise and initialise only each rank's shard."""
+    """Build on the meta device, shard, then materialise and initialise only each rank's shard.
+
+    ``parallel``: the keyword arguments of ``model.parallelize.parallelize`` (mixed precision, ...).
+    """
     with torch.device("meta"):
         model = Transformer(cfg)
-    parallelize(
-        model,
-        mesh,
-        mixed_precision=mixed_precision,
-        activation_checkpointing=activation_checkpointing,
-        compile=compile,
-        reshard_after_forward=reshard_after_forward,
-        prefetch=prefetch,
-    )
+    parallelize(model, mesh, **parallel)
     model.to_empty(device=device)
     model.init_weights(seed)
     return model
