@@ -62,13 +62,9 @@ class PretrainParams(BaseModel):
     compile: bool = False
     activation_checkpointing: bool = False
     mixed_precision: bool = Field(True, description="bf16 compute on GPU.")
-    checkpoint_async: bool = Field(
-        True,
-        description="Write checkpoints in the background; training waits only for the copy to host memory.",
-    )
-    fsdp_reshard_after_forward: ReshardPolicy = Field(
-        "auto", description="Free gathered block weights after forward; auto: only for big models."
-    )
+    # The trainer's own fields: one default and one description, in TrainConfig.
+    checkpoint_async: bool = TrainConfig.model_fields["checkpoint_async"]
+    fsdp_reshard_after_forward: ReshardPolicy = TrainConfig.model_fields["fsdp_reshard_after_forward"]
     launcher: tr.Launcher = Field(default_factory=tr.LocalLauncher, description="Where the job runs.")
     retries: int = Field(2, ge=0, description="Training task retries; each resumes from the last checkpoint.")
     mlflow_tracking_uri: str | None = Field(

@@ -119,7 +119,7 @@ class Checkpointer:
 
         Synchronous, or asynchronous with ``wait``: returns the complete checkpoint. Asynchronous
         without ``wait``: returns None once the state is staged; ``finish`` completes it. One save
-        at a time (the stager's buffers are reused): finish the previous one first.
+        at a time (the writer's staging buffers are reused): finish the previous one first.
         """
         if self._in_flight is not None:
             raise RuntimeError(f"checkpoint of step {self._in_flight.step} is still in flight")

@@ -2,14 +2,15 @@
 
 One code path for CPU and GPU: gloo + fp32 on CPU, NCCL + bf16 mixed precision on GPU; FSDP2 over
 all ranks either way. Each step: gradient-accumulated forward/backward, global grad-norm clipping
-folded into the fused AdamW kernel, whose update is skipped *on the device* when the loss or gradient is not finite (the
-``found_inf`` flag of the fused kernel: no host sync), linear warmup + cosine decay to a floor.
+folded into the fused AdamW kernel, whose update is skipped *on the device* when the loss or
+gradient is not finite (its ``found_inf`` flag: no host sync), linear warmup + cosine decay to a floor.
 
 The host syncs only at "sync points" (every ``log_interval`` steps, at checkpoints, at the end):
 there the per-step losses come over in one transfer, metrics are handed to a background thread,
 non-finite steps are reported, the loss-spike detector runs (a spike rolls back to the last good
-checkpoint and skips the offending batch), a checkpoint whose background write has finished on every
-rank is made complete, and a SIGTERM seen by any rank becomes a checkpoint and a clean exit on all ranks.
+checkpoint and skips the offending batch), a checkpoint whose background write has finished on
+every rank is made complete, and a SIGTERM seen by any rank becomes a checkpoint and a clean exit on
+all ranks.
 
 Progress protocol on rank 0's stdout, one JSON object per line: ``METRIC {...}`` per sync point,
 ``EVENT {...}`` for start, resume, skips, rollbacks, checkpoints, preemption and ``done``/``failed``.
