@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.crawl_pages import html_responses  # noqa: E402
 from tasks import dataset as ds  # noqa: E402
 from tasks.dedup import DedupConfig, dedup_datasets  # noqa: E402
-from tasks.ingest import IngestConfig, iter_documents, list_crawl_files  # noqa: E402
+from tasks.ingest import IngestConfig, iter_documents, resolve_crawl  # noqa: E402
 from tasks.langid import LangIdConfig, LangIdStage, load_model  # noqa: E402
 from tasks.pii import PiiStage  # noqa: E402
 from tasks.quality import QualityStage  # noqa: E402
@@ -136,7 +136,7 @@ def main() -> None:
 
     files = []
     for snapshot in SNAPSHOTS:
-        listed = list_crawl_files(str(CORPUS / "crawl"), snapshot)
+        listed = resolve_crawl(str(CORPUS / "crawl"), [snapshot], ["warc", "wet"], None)[snapshot]
         files += listed[: args.max_files] if args.max_files else listed
     with tempfile.TemporaryDirectory() as tmp:
         rows, _ = run_ours(files, Path(tmp))

@@ -8,7 +8,13 @@ even on a shared machine; each timing is the median of ``--repeat`` runs.
 Baseline: the usual recipe, datasketch ``MinHash.update`` per shingle (word 5-grams, default hash,
 128 permutations) + ``MinHashLSH(threshold=0.8)``, clusters by union-find over query results.
 
+With ``--boilerplate-cases`` (a file from benchmarks/build_boilerplate_cases.py), it measures the
+recipes for pages that share a site template instead: dedup alone, boilerplate removal
+(tasks/boilerplate.py) then dedup, and dedup with a stricter containment rule, on those cases and
+on neardup-dev.
+
     .venv/bin/python benchmarks/bench_dedup.py [--repeat 3] [--corpus ../shared/corpus]
+    .venv/bin/python benchmarks/bench_dedup.py --boilerplate-cases workdir/boilerplate-cases.jsonl
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks import dataset as ds
 from tasks import minhash
+from tasks.boilerplate import BoilerplateConfig, boilerplate_datasets
 from tasks.dedup import DedupConfig, dedup_datasets, sketch_texts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +57,10 @@ def write_dataset(docs: list[dict], target: Path) -> Path:
     per_shard = -(-len(docs) // SHARDS)
     infos = []
     for i in range(SHARDS):
-        rows = [{"doc_id": d["id"], "text": d["text"]} for d in docs[i * per_shard : (i + 1) * per_shard]]
+        rows = [
+            {"doc_id": d["id"], "text": d["text"], "url": d.get("url")}
+            for d in docs[i * per_shard : (i + 1) * per_shard]
+        ]
         infos.append(
             ds.write_table(ds.rows_to_table(rows, ds.DOCUMENT_SCHEMA), target / f"part-{i:05d}.parquet")
         )
@@ -156,11 +166,113 @@ def hard_negatives_merged(pred: dict[str, str], meta: dict) -> int:
     return sum(pred[h["a"]] == pred[h["b"]] for h in meta["hard_negative_pairs"])
 
 
+def run_recipe(
+    dataset: Path, work: Path, boilerplate: BoilerplateConfig | None, config: DedupConfig
+) -> tuple[dict[str, str], int]:
+    """Predicted clusters of (boilerplate removal then) dedup; documents the boilerplate stage drops
+    stay alone. Returns the clusters and the number of documents boilerplate removal changed."""
+    changed = 0
+    if boilerplate is not None:
+        manifest = boilerplate_datasets([dataset], work / "boilerplate", None, boilerplate, work)
+        dataset, changed = work / "boilerplate", manifest.stats["extra"].get("boilerplate_docs_changed", 0)
+    clusters, _ = run_ours(dataset, work, config)
+    return clusters, changed
+
+
+def template_metrics(pred: dict[str, str], cases: list[dict]) -> dict[str, dict[str, float]]:
+    """All pairs, header_footer (page + template vs page) and shared_template (distinct pages)."""
+    truth = {c["id"]: c["cluster"] for c in cases}
+    pred = {i: pred.get(i, i) for i in truth}  # dropped by boilerplate removal: alone
+    by_pred = defaultdict(list)
+    for doc, cluster in pred.items():
+        by_pred[cluster].append(doc)
+    by_truth = defaultdict(list)
+    for doc, cluster in truth.items():
+        by_truth[cluster].append(doc)
+    true_pairs = {p for m in by_truth.values() for p in itertools.combinations(sorted(m), 2)}
+    pred_pairs = {p for m in by_pred.values() for p in itertools.combinations(sorted(m), 2)}
+    out = {"all pairs": _scores(true_pairs, pred_pairs)}
+    out["all pairs"]["wrong"] = len(pred_pairs - true_pairs)
+    for kind in sorted({c["variant"] for c in cases} - {"seed"}):
+        variants = [c for c in cases if c["variant"] == kind]
+        t = {(c["id"], c["seed_id"]) for c in variants if c["seed_id"]}
+        q = {
+            (c["id"], c["seed_id"]) for c in variants if c["seed_id"] and pred[c["id"]] == pred[c["seed_id"]]
+        }
+        wrong = {
+            tuple(sorted((c["id"], o)))
+            for c in variants
+            for o in by_pred[pred[c["id"]]]
+            if truth[o] != c["cluster"]
+        }
+        out[kind] = {**_scores(t, q | wrong), "wrong": len(wrong)}
+        if not t:  # no true pairs: recall is not defined
+            out[kind]["recall"] = out[kind]["f1"] = float("nan")
+    return out
+
+
+# Boilerplate thresholds scaled to a set of a few hundred documents (a template on a fifth of a host's
+# pages, a block on 10 pages of a host or 20 of the set).
+SMALL_SET = BoilerplateConfig(host_min_fraction=0.2, host_min_docs=10, corpus_min_docs=20)
+
+
+def boilerplate_recipes(cases_path: Path, corpus: Path) -> None:
+    with open(cases_path, encoding="utf-8") as f:
+        cases = [json.loads(line) for line in f]
+    docs, meta = load(corpus)
+    truth = {d["id"]: d["cluster"] for d in docs}
+    kinds = {d["id"]: meta["documents"][d["id"]]["variant"] for d in docs}
+    seeds = {d["id"]: meta["documents"][d["id"]]["seed_id"] for d in docs}
+    recipes = {
+        "dedup only (default)": (None, DedupConfig()),
+        "dedup, containment needs Jaccard >= 0.7": (None, DedupConfig(containment_min_jaccard=0.7)),
+        "dedup, containment >= 0.95": (None, DedupConfig(containment_threshold=0.95)),
+        "boilerplate removal (default thresholds), then dedup": (BoilerplateConfig(), DedupConfig()),
+        # the defaults are for crawl-sized counts; this set has 72 documents per host
+        "boilerplate removal (thresholds for this set's size), then dedup": (SMALL_SET, DedupConfig()),
+    }
+    hosts = sorted({c["host"] for c in cases})
+    kinds_here = sorted({c["variant"] for c in cases} - {"seed"})
+    print(f"template cases: {len(cases)} documents of {len(hosts)} hosts ({', '.join(hosts)})")
+    print("cells: P / R / F1 (pairs with its seed) and, after |, pairs wrongly merged")
+    print()
+    print(
+        f"| recipe | all pairs | {' | '.join(kinds_here)} | docs changed by boilerplate "
+        "| dev: all F1 | dev: <=10% F1 | dev: hard negatives merged |"
+    )
+    print("|---|---|" + "---|" * len(kinds_here) + "---:|---:|---:|---:|")
+    for name, (boilerplate, config) in recipes.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            pred, changed = run_recipe(
+                write_dataset(cases, Path(tmp) / "cases"), Path(tmp) / "c", boilerplate, config
+            )
+            dev_pred, _ = run_recipe(
+                write_dataset(docs, Path(tmp) / "dev"), Path(tmp) / "d", boilerplate, config
+            )
+        m = template_metrics(pred, cases)
+        dev_pred = {i: dev_pred.get(i, i) for i in truth}
+        dev = pair_metrics(dev_pred, truth, seeds, kinds)
+        edits = min(dev[k]["f1"] for k in ("edit_1_5", "edit_5_10", "edit_1_5+boilerplate"))
+
+        def cell(v: dict) -> str:
+            return f"{v['precision']:.3f} / {v['recall']:.3f} / {v['f1']:.3f} \\| {v['wrong']}"
+
+        print(
+            f"| {name} | {cell(m['all pairs'])} | {' | '.join(cell(m[k]) for k in kinds_here)} | {changed} "
+            f"| {dev['all pairs']['f1']:.3f} | {edits:.3f} | {hard_negatives_merged(dev_pred, meta)} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, default=REPO.parent / "shared" / "corpus")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--boilerplate-cases", type=Path, help="Measure the template recipes on these cases.")
     args = parser.parse_args()
+    if args.boilerplate_cases:
+        boilerplate_recipes(args.boilerplate_cases, args.corpus)
+        return
     docs, meta = load(args.corpus)
     truth = {d["id"]: d["cluster"] for d in docs}
     kinds = {d["id"]: meta["documents"][d["id"]]["variant"] for d in docs}

@@ -101,7 +101,7 @@ def sample_pages(every: int) -> list[tuple[str, str]]:
     pages, seen = [], 0
     config = ingest.IngestConfig()
     for snapshot in sorted(SPEED_FILES):
-        for source in ingest.list_crawl_files(str(CRAWL), snapshot, kinds=("warc",)):
+        for source in ingest.resolve_crawl(str(CRAWL), [snapshot], ["warc"], None)[snapshot]:
             with open(source, "rb") as f:
                 for raw in ingest.iter_raw_records(f, config.max_payload_bytes):
                     if not isinstance(raw, ingest.RawRecord) or raw.rec_type != "response":
@@ -144,7 +144,7 @@ def quality(pages: list[tuple[str, str]], config: ingest.IngestConfig) -> dict[s
 
 def speed(config: ingest.IngestConfig, repeats: int) -> tuple[float, int, list[float]]:
     """Median documents/s of the ingest stage over the speed files, in this one process."""
-    sources = [ingest.list_crawl_files(str(CRAWL), s, kinds=("warc",))[i] for s, i in SPEED_FILES.items()]
+    sources = [ingest.resolve_crawl(str(CRAWL), [s], ["warc"], None)[s][i] for s, i in SPEED_FILES.items()]
     rates, docs_in = [], 0
     for _ in range(repeats):
         stats = StageStats(ingest.STAGE)

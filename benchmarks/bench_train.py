@@ -9,12 +9,19 @@ Modes (one GPU unless noted):
   (PaLM FLOPs, 6N + 12·L·d·T per token, against the device's dense bf16 peak) and our/HF ratio.
 - ``--fsdp``, under ``torchrun --nproc-per-node N``: our step only, fixed per-GPU batch; prints per-GPU
   tokens/s and MFU (run with N = 1, 2, 4, 8 to read the scaling).
+- ``--precisions bf16,float8``: each preset in each precision, one after the other in one process
+  (float8: torchao's float8 linears in the blocks, ``model/float8.py``); ``--ac K`` checkpoints the
+  activations of every K-th block; ``--fsdp --hf`` adds HF's model under the same FSDP2 setup.
+- ``--train-data DIR``: loss parity; ``--steps`` trainer steps on real packed data in one precision,
+  losses, validation loss and steady-state step time written to ``--out`` (JSON).
 - ``--checkpoint``: save and load time of a full checkpoint (model + AdamW state, DCP) for the presets,
   and the training time an asynchronous save costs (stall), as a fraction of a 10-minute interval.
 
     python benchmarks/bench_train.py                                  # GPU: 125M, 350M, 1B vs transformers
     python benchmarks/bench_train.py --device cpu --quick             # CPU smoke check (tiny, no compile)
     torchrun --nproc-per-node 8 benchmarks/bench_train.py --fsdp --presets 1B
+    torchrun --nproc-per-node 2 benchmarks/bench_train.py --fsdp --presets 7B --batch 8 --precisions bf16,float8
+    python benchmarks/bench_train.py --presets 1B --train-data PACKED --batch 8 --steps 300 --precisions float8 --out f8.json
     python benchmarks/bench_train.py --checkpoint --presets 1B --checkpoint-dir /scratch/ckpt
     python benchmarks/bench_train.py --presets 350M --no-baseline --profile   # where the time goes
 
@@ -25,6 +32,7 @@ the baseline column says so.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -47,7 +55,7 @@ from model.model import ModelConfig, Transformer, model_config
 from model.parallelize import prefer_attention_kernel
 from model.trainer import build_model, build_optimizer, init_distributed, train_step
 
-DEFAULT_BATCH = {"tiny": 4, "125M": 32, "350M": 24, "1B": 16, "7B": 2}
+DEFAULT_BATCH = {"tiny": 4, "125M": 32, "350M": 24, "1B": 16, "7B": 8}  # 7B: per GPU, 2+ H200s
 VOCAB = 32768
 
 
@@ -78,19 +86,26 @@ def random_batch(
     return [(tokens[:, :-1], tokens[:, 1:])]
 
 
-def bench_ours(cfg: ModelConfig, batch: int, seq_len: int, device, mesh, args) -> list[float]:
-    release(device)
-    model = build_model(
+def build_ours(cfg: ModelConfig, device, mesh, args, precision: str) -> Transformer:
+    return build_model(
         cfg,
         mesh,
         device,
         seed=0,
         mixed_precision=device.type == "cuda",
-        activation_checkpointing=args.activation_checkpointing,
+        activation_checkpointing=args.ac,
         compile=args.compile,
         reshard_after_forward=args.reshard,
         prefetch=args.prefetch,
+        float8=precision == "float8",
     )
+
+
+def bench_ours(
+    cfg: ModelConfig, batch: int, seq_len: int, device, mesh, args, precision: str = "bf16"
+) -> list[float]:
+    release(device)
+    model = build_ours(cfg, device, mesh, args, precision)
     optimizer = build_optimizer(model, OptimConfig())
     micro = random_batch(batch, seq_len, device, seed=dist.get_rank())
 
@@ -109,23 +124,9 @@ def bench_ours(cfg: ModelConfig, batch: int, seq_len: int, device, mesh, args) -
 def bench_hf(cfg: ModelConfig, batch: int, seq_len: int, device, args) -> list[float] | str:
     release(device)
     try:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        model = hf_llama(cfg, seq_len).to(device)
     except ImportError:
         return "transformers not installed"
-    hf_cfg = LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.dim,
-        intermediate_size=cfg.ffn_hidden,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
-        max_position_embeddings=seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta,
-        tie_word_embeddings=cfg.tie_embeddings,
-        attn_implementation="sdpa",
-    )
-    model = LlamaForCausalLM(hf_cfg).to(device)
     model.train()
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True
@@ -148,6 +149,141 @@ def bench_hf(cfg: ModelConfig, batch: int, seq_len: int, device, args) -> list[f
         return "out of GPU memory"
     finally:
         PEAK_MEM["hf"] = peak_mem_gib(device)
+
+
+def bench_hf_fsdp(cfg: ModelConfig, batch: int, seq_len: int, device, mesh, args) -> list[float]:
+    """HF's ``LlamaForCausalLM`` under the same FSDP2 setup as ours: one ``fully_shard`` per decoder
+    layer (each compiled, checkpointed like ours with --ac), bf16 params / fp32 reduce, fused AdamW."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    release(device)
+    torch.manual_seed(0)
+    with torch.device(device):  # built whole on the GPU (fp32), then sharded: fast init, no meta tricks
+        model = hf_llama(cfg, seq_len)
+    model.train()
+    fsdp_kwargs: dict = {"mesh": mesh}
+    if device.type == "cuda":
+        fsdp_kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        if args.ac and i % args.ac == 0:
+            layer = checkpoint_wrapper(layer, preserve_rng_state=False)
+        if args.compile:
+            layer.compile()
+        layers[i] = layer
+        fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **fsdp_kwargs)
+    fully_shard(model, **fsdp_kwargs)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True
+    )
+    tokens = random_batch(batch, seq_len, device, seed=dist.get_rank())[0][0]
+
+    def step() -> None:
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    try:
+        return time_steps(step, args.warmup, args.steps, device)
+    finally:
+        PEAK_MEM["hf"] = peak_mem_gib(device)
+
+
+def hf_llama(cfg: ModelConfig, seq_len: int) -> torch.nn.Module:
+    """transformers' ``LlamaForCausalLM`` with our preset's shapes (SDPA attention)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.dim,
+            intermediate_size=cfg.ffn_hidden,
+            num_hidden_layers=cfg.n_layers,
+            num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_kv_heads,
+            max_position_embeddings=seq_len,
+            rms_norm_eps=cfg.norm_eps,
+            rope_theta=cfg.rope_theta,
+            tie_word_embeddings=cfg.tie_embeddings,
+            attn_implementation="sdpa",
+        )
+    )
+
+
+def train_on_data(args, device, mesh) -> None:
+    """Loss parity: ``--steps`` trainer steps on real packed data (warmup + cosine), one precision.
+
+    The loop is the trainer's own (``train_step``, ``lr_at``, ``PackedLoader``, seed 0), so two runs
+    that differ only in ``--precisions`` see the same batches in the same order from the same initial
+    weights. Writes every step's loss, the validation loss at the end and the steady-state step time
+    (steps after the first ``--warmup``) to ``--out`` (JSON).
+    """
+    from model.data import PackedLoader
+    from model.trainer import lr_at
+
+    (precision,) = args.precisions
+    rank, world = dist.get_rank(), dist.get_world_size()
+    loader = PackedLoader(args.train_data, "train", batch_size=args.batch, rank=rank, world_size=world)
+    cfg = model_config(args.presets[0], vocab_size=loader.vocab_size, max_seq_len=loader.seq_len)
+    model = build_ours(cfg, device, mesh, args, precision)
+    optim_cfg = OptimConfig(lr=args.lr, warmup_steps=args.lr_warmup)
+    optimizer = build_optimizer(model, optim_cfg)
+    batches = iter(loader)
+    losses: list[torch.Tensor] = []
+    t_start = t_steady = time.perf_counter()
+    for step in range(args.steps):
+        if step == args.warmup:
+            losses[-1].item()  # waits for the device: the steady-state clock starts here
+            t_steady = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, optim_cfg, args.steps)
+        inputs, targets = (t.to(device, non_blocking=True) for t in next(batches))
+        loss, _, _ = train_step(model, optimizer, [(inputs, targets)], optim_cfg.grad_clip)
+        losses.append(loss)
+    host_losses = torch.stack(losses).tolist()  # one sync for the whole run
+    t_end = time.perf_counter()
+    step_s = (t_end - t_steady) / (args.steps - args.warmup)
+    val_loss = validation_loss(model, args.train_data, args.batch, device)
+    tokens_per_s = args.batch * loader.seq_len * world / step_s
+    result = {
+        "preset": args.presets[0], "precision": precision, "gpus": world, "batch_per_gpu": args.batch,
+        "seq_len": loader.seq_len, "steps": args.steps, "lr": args.lr, "losses": host_losses,
+        "val_loss": val_loss, "steady_step_s": step_s, "tokens_per_s_per_gpu": tokens_per_s / world,
+        "wall_s": t_end - t_start, "device": device_name(device),
+    }  # fmt: skip
+    if rank == 0:
+        last = sum(host_losses[-20:]) / len(host_losses[-20:])
+        print(
+            f"{precision}: loss {host_losses[0]:.3f} -> mean of last 20 steps {last:.4f}; "
+            f"val loss {val_loss:.4f}; {step_s * 1e3:.1f} ms/step steady, {tokens_per_s / world:,.0f} tok/s/GPU",
+            flush=True,
+        )
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+@torch.no_grad()
+def validation_loss(model: Transformer, data_dir: str, batch: int, device: torch.device) -> float:
+    """Mean loss over the validation split's full batches (the same sequences in the same order for
+    every run; a short last batch is left out: its new shape would recompile every block)."""
+    from model.data import PackedLoader
+
+    loader = PackedLoader(
+        data_dir, "validation", batch_size=batch, rank=dist.get_rank(),
+        world_size=dist.get_world_size(), loop=False, shuffle=False,
+    )  # fmt: skip
+    total = torch.zeros(2, device=device)
+    for inputs, targets in loader:
+        if len(inputs) < batch:
+            break
+        loss = model(inputs.to(device), targets.to(device))
+        total += torch.stack([loss * len(inputs), torch.tensor(float(len(inputs)), device=device)])
+    dist.all_reduce(total)
+    return (total[0] / total[1]).item()
 
 
 PEAK_MEM: dict[str, float] = {}
@@ -228,12 +364,14 @@ def fmt_mfu(mfu: float | None) -> str:
 
 def compare(args, device, mesh, peak) -> None:
     print(
-        f"device: {device_name(device)}; seq_len {args.seq_len}; compile {args.compile}; median of {args.steps} steps"
+        f"device: {device_name(device)}; seq_len {args.seq_len}; compile {args.compile}; "
+        f"activation checkpointing every {args.ac or '-'}; median of {args.steps} steps"
     )
     print(
-        "| preset | params | batch | ours tok/s | ours MFU | ours GiB | HF tok/s | HF MFU | HF GiB | ours/HF |"
+        "| preset | precision | params | batch | ours tok/s | ours MFU | ours GiB | vs bf16 "
+        "| HF tok/s | HF MFU | HF GiB | ours/HF |"
     )
-    print("|" + "---|" * 10)
+    print("|" + "---|" * 12)
     for preset in args.presets:
         cfg = model_config(preset, vocab_size=VOCAB, max_seq_len=args.seq_len)
         batch = args.batch or DEFAULT_BATCH.get(preset, 4)
@@ -241,36 +379,52 @@ def compare(args, device, mesh, peak) -> None:
             n_params = Transformer(cfg).num_params()
             flops = Transformer(cfg).flops_per_token(args.seq_len)
         tokens = batch * args.seq_len
-        _, ours_tps, ours_mfu = throughput(
-            bench_ours(cfg, batch, args.seq_len, device, mesh, args), tokens, flops, peak
-        )
         hf = bench_hf(cfg, batch, args.seq_len, device, args) if not args.no_baseline else "skipped"
         if isinstance(hf, str):
-            hf_cols = f"{hf} | | | |"
+            hf_tps, hf_cols = None, f"{hf} | | | |"
         else:
             _, hf_tps, hf_mfu = throughput(hf, tokens, flops, peak)
-            hf_cols = f"{hf_tps:,.0f} | {fmt_mfu(hf_mfu)} | {PEAK_MEM['hf']:.1f} | {ours_tps / hf_tps:.2f}x |"
-        ours_cols = f"{ours_tps:,.0f} | {fmt_mfu(ours_mfu)} | {PEAK_MEM['ours']:.1f}"
-        print(f"| {preset} | {n_params / 1e6:,.0f}M | {batch} | {ours_cols} | {hf_cols}", flush=True)
+            hf_cols = f"{hf_tps:,.0f} | {fmt_mfu(hf_mfu)} | {PEAK_MEM['hf']:.1f} |"
+        bf16_tps = None
+        for precision in args.precisions:
+            times = bench_ours(cfg, batch, args.seq_len, device, mesh, args, precision)
+            _, tps, mfu = throughput(times, tokens, flops, peak)
+            bf16_tps = tps if precision == "bf16" else bf16_tps
+            vs_bf16 = f"{tps / bf16_tps:.2f}x" if bf16_tps else ""
+            ratio = f" {tps / hf_tps:.2f}x |" if hf_tps else ""
+            print(
+                f"| {preset} | {precision} | {n_params / 1e6:,.0f}M | {batch} | {tps:,.0f} | {fmt_mfu(mfu)} "
+                f"| {PEAK_MEM['ours']:.1f} | {vs_bf16} | {hf_cols}{ratio}",
+                flush=True,
+            )
 
 
 def fsdp_scaling(args, device, mesh, peak) -> None:
+    """Per-GPU throughput of each preset x precision (and HF's model under the same FSDP2, --hf)."""
     world = dist.get_world_size()
     for preset in args.presets:
         cfg = model_config(preset, vocab_size=VOCAB, max_seq_len=args.seq_len)
         batch = args.batch or DEFAULT_BATCH.get(preset, 4)
         with torch.device("meta"):
             flops = Transformer(cfg).flops_per_token(args.seq_len)
-        times = torch.tensor(bench_ours(cfg, batch, args.seq_len, device, mesh, args), device=device)
-        dist.all_reduce(times, op=dist.ReduceOp.MAX)  # a step is as slow as its slowest rank
-        step_s, tps, mfu = throughput(times.tolist(), batch * args.seq_len, flops, peak)
-        if dist.get_rank() == 0:
-            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-            print(
-                f"| {preset} | {world} GPUs | batch/GPU {batch} | step {step_s * 1e3:,.1f} ms | "
-                f"{tps:,.0f} tok/s/GPU | {tps * world:,.0f} tok/s total | MFU {fmt_mfu(mfu)} | peak mem {mem:.1f} GiB |",
-                flush=True,
-            )
+        runs: list[tuple[str, Callable[[], list[float]]]] = [
+            (precision, partial(bench_ours, cfg, batch, args.seq_len, device, mesh, args, precision))
+            for precision in args.precisions
+        ]
+        if args.hf:
+            runs.append(("HF bf16", partial(bench_hf_fsdp, cfg, batch, args.seq_len, device, mesh, args)))
+        for label, run in runs:
+            times = torch.tensor(run(), device=device)
+            dist.all_reduce(times, op=dist.ReduceOp.MAX)  # a step is as slow as its slowest rank
+            step_s, tps, mfu = throughput(times.tolist(), batch * args.seq_len, flops, peak)
+            if dist.get_rank() == 0:
+                mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+                print(
+                    f"| {preset} | {label} | {world} GPUs | batch/GPU {batch} | AC every {args.ac or '-'} "
+                    f"| step {step_s * 1e3:,.1f} ms | {tps:,.0f} tok/s/GPU | {tps * world:,.0f} tok/s total "
+                    f"| MFU {fmt_mfu(mfu)} | peak mem {mem:.1f} GiB |",
+                    flush=True,
+                )
 
 
 def checkpoint_timing(args, device, mesh) -> None:
@@ -360,9 +514,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument(
+        "--ac", type=int, default=0, help="activation checkpointing of every k-th block (0: none, 1: all)"
+    )
+    parser.add_argument("--precisions", default="bf16", help="comma-separated: bf16, float8")
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
-    parser.add_argument("--fsdp", action="store_true", help="scaling run under torchrun (ours only)")
+    parser.add_argument("--fsdp", action="store_true", help="per-GPU throughput under torchrun")
+    parser.add_argument("--hf", action="store_true", help="--fsdp: also HF's Llama under the same FSDP2")
+    parser.add_argument("--train-data", help="loss parity: train --steps on this packed dataset")
+    parser.add_argument("--lr", type=float, default=3e-4, help="--train-data: peak learning rate")
+    parser.add_argument("--lr-warmup", type=int, default=30, help="--train-data: warmup steps")
+    parser.add_argument("--out", help="--train-data: write the losses and timings here (JSON)")
     parser.add_argument("--checkpoint", action="store_true", help="checkpoint save/load timing")
     parser.add_argument("--checkpoint-dir", default=None)
     parser.add_argument(
@@ -384,6 +546,11 @@ def main() -> None:
     if args.quick:
         args.presets, args.seq_len, args.steps, args.warmup, args.compile = "tiny", 128, 3, 1, False
     args.presets = args.presets.split(",")
+    args.precisions = args.precisions.split(",")
+    if not set(args.precisions) <= {"bf16", "float8"}:
+        parser.error(f"--precisions: bf16 and/or float8, not {args.precisions}")
+    if args.train_data and (len(args.precisions) != 1 or not args.batch):
+        parser.error("--train-data takes one precision and --batch")
     torch.backends.cuda.matmul.allow_tf32 = True
     if args.inductor_tuning:
         import torch._inductor.config as inductor_config
@@ -394,7 +561,9 @@ def main() -> None:
     _, _, device, mesh = init_distributed()
     peak = peak_bf16_flops(device_name(device))
     try:
-        if args.checkpoint:
+        if args.train_data:
+            train_on_data(args, device, mesh)
+        elif args.checkpoint:
             checkpoint_timing(args, device, mesh)
         elif args.fsdp:
             fsdp_scaling(args, device, mesh, peak)

@@ -1,21 +1,25 @@
 """The data refresh: crawl -> clean, language-labelled, deduplicated documents -> training data.
 
-Thin orchestration only: every step is a cached task from ``tasks.prefect_tasks`` over datasets
-on disk. Run it nightly: crawl files already processed hit the cache, dedup inserts only the new
-snapshot into the persistent index, and only what changed is redone.
+Thin orchestration only: ``plan`` says which stage reads what and where each dataset lives; every
+step is a cached task from ``tasks.prefect_tasks`` over datasets on disk. Run it nightly: crawl
+files already processed hit the cache, dedup inserts only the new snapshot into the persistent
+index, and only what changed is redone. The tokenizer and the packed data are published as
+immutable versions under ``workdir/tokenizer`` and ``workdir/packed``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
 
+from tasks import dataset as ds
 from tasks import prefect_tasks as pt
+from tasks.boilerplate import BoilerplateConfig
 from tasks.dedup import DedupConfig
-from tasks.ingest import IngestConfig
+from tasks.ingest import IngestConfig, resolve_crawl
 from tasks.langid import LangIdConfig
 from tasks.pack import PackConfig
 from tasks.pii import PiiConfig
@@ -31,8 +35,8 @@ class DataRefreshParams(BaseModel):
 
     crawl: str = Field(
         default=str(SAMPLE_CRAWL),
-        description="Crawl root holding `crawl-data/{SNAPSHOT}/warc.paths.gz` (local path, s3:// or "
-        "https:// URL), or a single WARC/WET file, or a glob of them.",
+        description="Crawl root holding `crawl-data/{SNAPSHOT}/warc.paths.gz`, a `*.paths.gz` listing, "
+        "a glob of WARC/WET files or a single one; a local path, s3:// or https:// URL.",
     )
     snapshots: list[str] = Field(
         default_factory=list,
@@ -54,14 +58,20 @@ class DataRefreshParams(BaseModel):
     )
     quality: QualityConfig = Field(default_factory=QualityConfig, description="Gopher, C4, FineWeb rules.")
     pii: PiiConfig = Field(default_factory=PiiConfig, description="Scrubbing emails, IP addresses, phones.")
+    boilerplate: BoilerplateConfig | None = Field(
+        default=None,
+        description="Line-level boilerplate removal before dedup (lines repeated across a host's or the "
+        "corpus's pages), with counts kept across refreshes. Empty: off.",
+    )
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and MinHash near-dedup.")
     build_training_data: bool = Field(
         default=True, description="Also train the tokenizer and pack token shards for training."
     )
     tokenizer_dir: str | None = Field(
         default=None,
-        description="Use this existing tokenizer dataset instead of training one (keeps token ids "
-        "stable across nightly refreshes).",
+        description="Use this existing tokenizer instead of training one (keeps token ids stable across "
+        "nightly refreshes): a published root such as `workdir/tokenizer` (its LATEST version) or a "
+        "version directory.",
     )
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="BPE tokenizer training.")
     pack: PackConfig = Field(default_factory=PackConfig, description="Tokenizing and packing into shards.")
@@ -72,41 +82,104 @@ class DataRefreshParams(BaseModel):
     mlflow_experiment: str = Field(default="data-refresh", description="MLflow experiment name.")
 
 
-@flow(name="data-refresh", log_prints=True, task_runner=pt.default_task_runner())
-def data_refresh(params: DataRefreshParams = DataRefreshParams()) -> dict:  # noqa: B008 (the UI form's defaults)
-    """Ingest, label, filter, scrub and deduplicate each snapshot; then build training data."""
-    logger = get_run_logger()
+def plan(params: DataRefreshParams, crawl: dict[str, list[str]], runner: pt.Runner) -> dict[str, Any]:
+    """Which stage reads what and where each dataset lives; ``runner`` runs it or only inspects it."""
     workdir = Path(params.workdir).resolve()
-    snapshots = params.snapshots or pt.discover_snapshots(params.crawl)
-    logger.info("data refresh of %s: snapshots %s into %s", params.crawl, snapshots, workdir)
-
-    report = pt.RefreshReport()
     clean = {}
-    for snapshot in snapshots:
-        files = pt.list_files(params.crawl, snapshot, params.kinds, params.max_files)
-        previous = pt.run_ingest(files, workdir / snapshot / "ingest", params.ingest, snapshot, report)
+    for snapshot, files in crawl.items():
+        previous = runner.shard_stage("ingest", params.ingest, files, workdir / snapshot / "ingest", snapshot)
         for stage in ("langid", "quality", "pii"):
-            previous = pt.run_document_stage(
-                stage, getattr(params, stage), previous, workdir / snapshot / stage, snapshot, report
+            previous = runner.shard_stage(
+                stage, getattr(params, stage), previous, workdir / snapshot / stage, snapshot
             )
         clean[snapshot] = previous
 
-    deduplicated = pt.run_dedup(clean, workdir / "dedup-index", params.dedup, workdir, report)
-    outputs = {"documents": [str(d) for d in deduplicated]}
-    if params.build_training_data and any(pt.dataset_rows(d) for d in deduplicated):
-        tokenizer_dir = (
-            Path(params.tokenizer_dir)
-            if params.tokenizer_dir
-            else pt.run_tokenizer(deduplicated, workdir / "tokenizer", params.tokenizer, report)
-        )
-        packed = pt.run_pack(deduplicated, tokenizer_dir, workdir / "packed", params.pack, report)
-        outputs.update(tokenizer=str(tokenizer_dir), packed=str(packed))
+    if params.boilerplate is not None:
+        previous = None
+        for snapshot, dataset in clean.items():
+            previous = runner.dataset_stage(
+                "boilerplate",
+                params.boilerplate,
+                [dataset],
+                workdir / snapshot / "boilerplate",
+                snapshot,
+                after=previous,
+                scratch={
+                    "index_dir": workdir / "boilerplate-index",
+                    "work_dir": workdir / ".boilerplate-work" / snapshot,
+                },
+            )
+            clean[snapshot] = previous
 
+    # Snapshot by snapshot, oldest first, each against the index of all kept before: a snapshot's
+    # key chains the previous one's, so redoing an older snapshot redoes the later ones.
+    documents: list[pt.Output] = []
+    previous = None
+    for snapshot, dataset in clean.items():
+        previous = runner.dataset_stage(
+            "dedup",
+            params.dedup,
+            [dataset],
+            workdir / snapshot / "dedup",
+            snapshot,
+            after=previous,
+            scratch={"index_dir": workdir / "dedup-index", "work_dir": workdir / ".dedup-work" / snapshot},
+        )
+        documents.append(previous)
+
+    outputs: dict[str, Any] = {"documents": [str(d.path) for d in documents]}
+    if params.build_training_data and any(runner.document_count(d) for d in documents):
+        # Published as immutable versions: a refresh never rewrites data a training run reads.
+        tokenizer = (
+            pt.Output(ds.resolve_version(params.tokenizer_dir))
+            if params.tokenizer_dir
+            else runner.dataset_stage(
+                "tokenizer",
+                params.tokenizer,
+                documents,
+                workdir / "tokenizer",
+                publish_to=workdir / "tokenizer",
+            )
+        )
+        packed = runner.dataset_stage(
+            "pack",
+            params.pack,
+            documents,
+            workdir / "packed",
+            reads={"tokenizer_dir": tokenizer},
+            publish_to=workdir / "packed",
+        )
+        outputs.update(tokenizer=str(tokenizer.path), packed=str(packed.path))
+    return outputs
+
+
+def crawl_files(params: DataRefreshParams) -> dict[str, list[str]]:
+    """Snapshot -> its crawl files, through the ingest stage's resolver (every documented form)."""
+    return resolve_crawl(params.crawl, params.snapshots, params.kinds, params.max_files)
+
+
+def cache_status(params: DataRefreshParams) -> pt.StatusRunner:
+    """Which stages a refresh with ``params`` would redo, and why, without running anything."""
+    status = pt.StatusRunner()
+    plan(params, crawl_files(params), status)
+    return status
+
+
+@flow(name="data-refresh", log_prints=True, task_runner=pt.default_task_runner())
+def data_refresh(params: DataRefreshParams = DataRefreshParams()) -> dict:  # noqa: B008 (the UI form's defaults)
+    """Ingest, label, filter, scrub and deduplicate each snapshot; then build training data."""
+    crawl = crawl_files(params)
+    get_run_logger().info(
+        "data refresh of %s: snapshots %s into %s", params.crawl, list(crawl), Path(params.workdir).resolve()
+    )
+    report = pt.RefreshReport()
+    outputs = plan(params, crawl, pt.PrefectRunner(report))
     report.publish()
-    mlflow_uri, mlflow_run = pt.log_refresh_to_mlflow(params, report, outputs)
+    mlflow_uri, mlflow_run = pt.log_refresh_to_mlflow(params, report)
     print(report.format_table())
     return {
         "outputs": outputs,
+        "datasets": report.datasets,
         "stats": report.rows,
         "mlflow_tracking_uri": mlflow_uri,
         "mlflow_run_id": mlflow_run,

@@ -1,30 +1,45 @@
 """Pretraining: submit the trainer through a launcher, follow it, evaluate every new checkpoint.
 
-Thin orchestration: the training task (tasks/train.py) holds the device slots, submits the job and
-streams its log and progress; meanwhile this flow evaluates each new checkpoint (tasks/evaluate.py)
-into the same MLflow run the trainer logs to. A retry of the training task, or a re-run of the flow
-with the same run name, resumes from the run's last checkpoint. Cancelling (or killing) the flow run
-stops the whole job: ``jobs_stopped_on_exit`` in this process, the hooks for an engine-owned cancel.
-With Slurm or Kubernetes, ``runs_root`` must be storage both the job and this flow's machine see.
+Thin orchestration: the training task (tasks/training_job.py) holds the device slots, submits the job
+(tasks/launchers.py) and streams its log and progress; meanwhile this flow evaluates each new
+checkpoint (tasks/evaluate.py) into the same MLflow run the trainer logs to, and makes it a logged
+model, registered when it is the best or the final one (tasks/run_tracking.py). A retry of the
+training task, or a re-run of the flow with the same run name, resumes from the run's last checkpoint
+on the data version the run started with. Cancelling (or killing) the flow run stops the whole job:
+``jobs_stopped_on_exit`` in this process, the hooks for an engine-owned cancel. With Slurm or
+Kubernetes, ``runs_root`` must be storage both the job and this flow's machine see.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any, Literal
 
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_link_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from pydantic import BaseModel, Field
 
-from model.config import OptimConfig, TrainConfig
-from model.parallelize import ReshardPolicy
+from model.config import MlflowConfig, TrainConfig, TrainSettings, load_config
+from model.evaluate import EvalConfig, EvalResult
+from model.run_dir import RunDir
+from model.tracking import find_or_create_run
 from tasks import dataset as ds
 from tasks import evaluate as ev
-from tasks import train as tr
+from tasks import run_tracking as rt
+from tasks.launchers import (
+    Launcher,
+    LocalLauncher,
+    TrainJob,
+    jobs_stopped_on_exit,
+    stop_running_jobs,
+    write_run_config,
+)
+from tasks.plan import plan_for_run, plan_markdown
+from tasks.prefect_artifacts import artifact_key
 from tasks.tracking import flat_params, tracking_uri
-
-ModelPreset = Literal["tiny", "125M", "350M", "1B", "7B"]  # model.model.PRESETS (a test keeps them equal)
+from tasks.training_job import TrainResult, new_checkpoints, train
 
 
 class PretrainParams(BaseModel):
@@ -34,113 +49,148 @@ class PretrainParams(BaseModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="Names the run directory, its checkpoints and its MLflow run: the same name resumes.",
     )
-    data_dir: str = Field(description="Packed training data (the pack stage's output, with manifest.json).")
+    data_dir: str = Field(
+        description="Packed training data: a published root (its LATEST version is pinned when the run "
+        "first starts; a resumed run keeps its version), a version dir, or a plain packed dataset."
+    )
     runs_root: str = Field(
         "workdir/runs", description="Where run directories live (shared storage on a cluster)."
     )
-    model: ModelPreset = Field("tiny", description="Model size preset.")
-    model_overrides: dict[str, Any] = Field(
-        default_factory=dict, description="ModelConfig fields to replace."
+    train: TrainSettings = Field(
+        default_factory=TrainSettings, description="The trainer's settings (model/config.py TrainSettings)."
     )
-    max_steps: int = Field(1000, ge=1)
-    micro_batch_size: int = Field(8, ge=1, description="Sequences per rank per micro-step.")
-    grad_accum_steps: int = Field(1, ge=1)
-    seed: int = 0
-    optim: OptimConfig = Field(default_factory=OptimConfig, description="AdamW and the LR schedule.")
-    log_interval: int = Field(10, ge=1, description="Steps between metric reports.")
-    eval_interval: int = Field(
-        500, ge=1, description="Steps between checkpoints; each new checkpoint is evaluated."
-    )
-    keep_checkpoints: int = Field(3, ge=1)
-    eval_max_sequences_per_slice: int = Field(64, ge=1, description="Validation windows per slice and eval.")
-    eval_threads: int = Field(
-        4, ge=1, description="CPU threads of the eval (it runs beside the training job)."
+    eval: EvalConfig = Field(
+        default_factory=lambda: EvalConfig(threads=4),
+        description="Evaluation of each new checkpoint (it runs beside the training job).",
     )
     checkpoint_poll_s: float = Field(
         5.0, gt=0, description="How often to look for a new checkpoint to evaluate."
     )
-    compile: bool = False
-    activation_checkpointing: bool = False
-    mixed_precision: bool = Field(True, description="bf16 compute on GPU.")
-    # The trainer's own fields: one default and one description, in TrainConfig.
-    checkpoint_async: bool = TrainConfig.model_fields["checkpoint_async"]
-    fsdp_reshard_after_forward: ReshardPolicy = TrainConfig.model_fields["fsdp_reshard_after_forward"]
-    launcher: tr.Launcher = Field(default_factory=tr.LocalLauncher, description="Where the job runs.")
+    launcher: Launcher = Field(default_factory=LocalLauncher, description="Where the job runs.")
+    gpu_kind: str = Field(
+        "H200", description="GPU kind for the compute plan shown when a GPU run starts (H200, H100, A100)."
+    )
     retries: int = Field(2, ge=0, description="Training task retries; each resumes from the last checkpoint.")
     mlflow_tracking_uri: str | None = Field(
         None, description="MLflow tracking server. Empty: $MLFLOW_TRACKING_URI, else SQLite in runs_root."
     )
     mlflow_experiment: str = "pretrain"
+    mlflow_system_metrics_s: float | None = MlflowConfig.model_fields["system_metrics_s"]
     mlflow_ui_url: str | None = Field(
         None, description="MLflow UI base URL for the run link; default: the tracking server if it is one."
+    )
+    registered_model: str | None = Field(
+        None,
+        description="Model Registry name of the run's best and final checkpoints; default: the run name.",
     )
 
 
 class PretrainResult(BaseModel):
-    train: tr.TrainResult
-    evals: list[ev.EvalResult]
+    train: TrainResult
+    evals: list[EvalResult]
     mlflow_run_id: str
     mlflow_url: str
+    data_dir: str = Field(description="The packed data version the run trains on (pinned in run.json).")
 
 
-def trainer_config(params: PretrainParams, job: tr.TrainJob, uri: str, mlflow_run_id: str) -> TrainConfig:
-    return TrainConfig(
-        model=params.model,
-        model_overrides=params.model_overrides,
-        data_dir=Path(params.data_dir).resolve(),
-        checkpoint_dir=job.checkpoint_dir,
-        micro_batch_size=params.micro_batch_size,
-        grad_accum_steps=params.grad_accum_steps,
-        max_steps=params.max_steps,
-        seed=params.seed,
-        optim=params.optim,
-        log_interval=params.log_interval,
-        checkpoint_interval=params.eval_interval,
-        keep_checkpoints=params.keep_checkpoints,
-        compile=params.compile,
-        activation_checkpointing=params.activation_checkpointing,
-        mixed_precision=params.mixed_precision,
-        checkpoint_async=params.checkpoint_async,
-        fsdp_reshard_after_forward=params.fsdp_reshard_after_forward,
-        mlflow={"tracking_uri": uri, "experiment": params.mlflow_experiment, "run_id": mlflow_run_id},
-    )
+def pinned_data_dir(run_dir: RunDir, requested: str | Path, log: logging.Logger) -> Path:
+    """The data version the run trains on: the one in its run.json once it has started (LATEST may
+    have moved since), else ``requested`` resolved to its current version."""
+    if run_dir.config_path.is_file():
+        pinned = load_config(run_dir.config_path).data_dir
+        current = ds.resolve_version(requested)
+        if current != pinned:
+            log.warning("run %s stays on its data version %s (%s now resolves to %s)",
+                        run_dir.name, pinned, requested, current)  # fmt: skip
+        return pinned
+    return ds.resolve_version(requested)
 
 
-@flow(name="pretrain", on_cancellation=[tr.stop_running_jobs], on_crashed=[tr.stop_running_jobs])
+def logged_params(params: PretrainParams) -> dict[str, str]:
+    """The form as MLflow params, the tracking URI without any credentials in it."""
+    data = params.model_dump(mode="json")
+    if data["mlflow_tracking_uri"]:
+        data["mlflow_tracking_uri"] = rt.without_credentials(data["mlflow_tracking_uri"])
+    return flat_params(data)
+
+
+def launcher_gpus(launcher: Launcher) -> int:
+    """GPUs the run occupies (0 for CPU ranks: the planner's throughput table is for GPUs)."""
+    if launcher.kind == "local":
+        return launcher.nproc_per_node if launcher.device == "cuda" else 0
+    if getattr(launcher, "device", "cuda") != "cuda":
+        return 0
+    return launcher.nodes * launcher.gpus_per_node
+
+
+@flow(name="pretrain", on_cancellation=[stop_running_jobs], on_crashed=[stop_running_jobs])
 def pretrain(params: PretrainParams) -> PretrainResult:
     logger = get_run_logger()
-    ds.read_manifest(params.data_dir)  # a clear error now, not in the job, if the data is not there
-    job = tr.TrainJob(
-        run_name=params.run_name,
-        run_dir=tr.run_dir_for(params.runs_root, params.run_name),
-        total_steps=params.max_steps,
-    )
-    uri = tracking_uri(params.mlflow_tracking_uri, Path(params.runs_root).resolve())
-    experiment_id, run_id = tr.mlflow_run_for(
-        uri, params.mlflow_experiment, params.run_name, flat_params(params)
-    )
-    url = tr.mlflow_run_url(params.mlflow_ui_url, uri, experiment_id, run_id)
-    create_link_artifact(
-        url, link_text=f"MLflow run {params.run_name}", key=tr.artifact_key(params.run_name) + "-mlflow"
-    )
-    tr.write_run_config(job, trainer_config(params, job, uri, run_id).model_dump(mode="json"))
+    run_dir = RunDir.of(params.runs_root, params.run_name)
+    data = rt.TrainingData.of(pinned_data_dir(run_dir, params.data_dir, logger))
+    job = TrainJob(run_dir=run_dir, total_steps=params.train.max_steps)
 
-    with tr.jobs_stopped_on_exit():
-        training = tr.train.with_options(retries=params.retries).submit(job, params.launcher)
+    uri = tracking_uri(params.mlflow_tracking_uri, Path(params.runs_root).resolve())
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id, run_id = find_or_create_run(
+        client, params.mlflow_experiment, params.run_name, logged_params(params)
+    )
+    config = TrainConfig(
+        **params.train.model_dump(),
+        data_dir=data.packed_dir,
+        checkpoint_dir=run_dir.checkpoint_dir,
+        mlflow=MlflowConfig(
+            tracking_uri=uri,
+            experiment=params.mlflow_experiment,
+            run_id=run_id,
+            system_metrics_s=params.mlflow_system_metrics_s,
+        ),
+    )
+    write_run_config(job, config.model_dump(mode="json"))
+    what = f"the {params.train.model} model for {params.train.max_steps} steps"
+    refresh_run = rt.describe_training_run(client, run_id, data, config.model_dump(mode="json"), what)
+    url = rt.run_url(params.mlflow_ui_url, uri, experiment_id, run_id)
+    create_link_artifact(
+        url, link_text=f"MLflow run {params.run_name}", key=artifact_key("train", params.run_name, "mlflow")
+    )
+    if gpus := launcher_gpus(params.launcher):
+        create_markdown_artifact(
+            plan_markdown(plan_for_run(params.train, data.packed_dir, gpus, params.gpu_kind)),
+            key=artifact_key("train", params.run_name, "plan"),
+            description="Compute plan: tokens per parameter, FLOPs, predicted wall time and GPU-hours",
+        )
+
+    model_name = params.registered_model or params.run_name
+    with jobs_stopped_on_exit():
+        training = train.with_options(retries=params.retries).submit(job, params.launcher)
         evals = []
-        for checkpoint in tr.new_checkpoints(
-            job.checkpoint_dir, lambda: training.state.is_final(), params.checkpoint_poll_s
+        for checkpoint in new_checkpoints(
+            run_dir.checkpoint_dir, lambda: training.state.is_final(), params.checkpoint_poll_s
         ):
             state = ev.evaluate(
-                str(checkpoint),
-                max_sequences_per_slice=params.eval_max_sequences_per_slice,
-                threads=params.eval_threads,
-                tracking_uri=uri,
-                mlflow_run_id=run_id,
-                return_state=True,
+                str(checkpoint), params.eval, tracking_uri=uri, mlflow_run_id=run_id, return_state=True
             )
-            if state.is_completed():
-                evals.append(state.result())
-            else:  # e.g. the trainer rotated the checkpoint away mid-read; training goes on regardless
+            if not state.is_completed():  # e.g. the trainer rotated the checkpoint away mid-read
                 logger.warning("eval of %s did not complete: %s", checkpoint, state.message)
-    return PretrainResult(train=training.result(), evals=evals, mlflow_run_id=run_id, mlflow_url=url)
+                continue
+            result = state.result()
+            evals.append(result)
+            try:
+                registered = rt.register_checkpoint(
+                    client, run_id, result.step, checkpoint, result.metrics,
+                    data=data, data_refresh_run_id=refresh_run, model_name=model_name,
+                    final=result.step == params.train.max_steps,
+                )  # fmt: skip
+            except MlflowException as exc:  # the registry is an observer: training goes on
+                logger.warning("step %d not registered in MLflow: %s", result.step, exc)
+                continue
+            if registered.version:
+                logger.info("step %d: version %s of %s (%s)", result.step, registered.version,
+                            model_name, ", ".join(registered.aliases))  # fmt: skip
+    return PretrainResult(
+        train=training.result(),
+        evals=evals,
+        mlflow_run_id=run_id,
+        mlflow_url=url,
+        data_dir=str(data.packed_dir),
+    )

@@ -30,11 +30,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import psutil
 
-from tasks.dataset import atomic_write_text
+from tasks.atomic import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 WORK_POOL = "local-process"  # deployment.yaml's work pool for one machine
@@ -54,6 +55,10 @@ class Platform:
     prefect_port: int
     mlflow_port: int
     auth: bool
+    # MLflow's stores; None: <home>/mlflow/mlflow.db and <home>/mlflow/artifacts. Another store, e.g.
+    # the SQLite database of a `pretrain pipeline` workdir, makes its runs browsable here.
+    mlflow_backend_store: str | None = None
+    mlflow_artifacts: str | None = None
 
     @property
     def prefect_ui_url(self) -> str:
@@ -66,6 +71,14 @@ class Platform:
     @property
     def mlflow_url(self) -> str:
         return f"http://{self.host}:{self.mlflow_port}"
+
+    @property
+    def mlflow_stores(self) -> tuple[str, str]:
+        """(backend store URI, artifacts directory) of the MLflow server."""
+        return (
+            self.mlflow_backend_store or f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}",
+            self.mlflow_artifacts or str(self.home / "mlflow" / "artifacts"),
+        )
 
     def client_env(self) -> dict[str, str]:
         """Environment for a Prefect/MLflow client of this platform. Auth secrets are passed through
@@ -110,6 +123,8 @@ def up(
     prefect_port: int | None = None,
     mlflow_port: int | None = None,
     auth: bool | None = None,
+    mlflow_backend_store: str | None = None,
+    mlflow_artifacts: str | None = None,
     deploy: bool = True,
     timeout: float = 120.0,
     echo: Callable[[str], None] = print,
@@ -117,7 +132,8 @@ def up(
     """Start whatever is not running yet, apply deployment.yaml (when `deploy`) and print the UI URLs.
 
     Unset arguments come from the running platform (platform.json), then from the environment
-    (PRETRAIN_HOST, PRETRAIN_PREFECT_PORT, PRETRAIN_MLFLOW_PORT, PRETRAIN_AUTH=1), then defaults.
+    (PRETRAIN_HOST, PRETRAIN_PREFECT_PORT, PRETRAIN_MLFLOW_PORT, PRETRAIN_AUTH=1,
+    PRETRAIN_MLFLOW_BACKEND_STORE, PRETRAIN_MLFLOW_ARTIFACTS), then defaults.
     Asking for a different configuration than the running one is an error: run `down` first.
     """
     home = (home or default_home()).resolve()
@@ -137,7 +153,13 @@ def up(
             if auth is not None
             else _setting(recorded, "auth", "PRETRAIN_AUTH", "0") in (True, "1", "true")
         ),
+        mlflow_backend_store=mlflow_backend_store
+        or _setting(recorded, "mlflow_backend_store", "PRETRAIN_MLFLOW_BACKEND_STORE", None),
+        mlflow_artifacts=mlflow_artifacts
+        or _setting(recorded, "mlflow_artifacts", "PRETRAIN_MLFLOW_ARTIFACTS", None),
     )
+    if platform.mlflow_backend_store and urlsplit(platform.mlflow_backend_store).password:
+        raise RuntimeError("the MLflow backend store URI holds a password: pass it by environment instead")
     if recorded is not None and recorded != _platform_record(platform):
         raise RuntimeError(
             f"the platform in {home} runs with {recorded}; asked for {_platform_record(platform)}. "
@@ -150,9 +172,10 @@ def up(
         if ":" not in os.environ["PREFECT_API_AUTH_STRING"]:
             raise RuntimeError("PREFECT_API_AUTH_STRING must look like 'user:password'")
 
-    for sub in ("run", "logs", "prefect", "mlflow/artifacts"):
+    for sub in ("run", "logs", "prefect", "mlflow"):
         (home / sub).mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(home / "platform.json", _platform_record(platform))
+    Path(platform.mlflow_stores[1]).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(home / "platform.json", _platform_record(platform))
 
     specs = _service_specs(platform)
     checks = _health_checks(platform)
@@ -232,6 +255,29 @@ def platform(home: Path | None = None) -> Platform | None:
     return _platform_from_record(home, recorded) if recorded else None
 
 
+def serving(home: Path | None = None) -> Platform | None:
+    """The platform of `home` when its Prefect and MLflow servers are up and healthy, else None."""
+    found = platform(home)
+    if found is None:
+        return None
+    checks = _health_checks(found)
+    servers = ("prefect-server", "mlflow-server")
+    up_and_healthy = all(
+        _live_process(found.home, name) and _wait_healthy(checks[name], timeout=0) for name in servers
+    )
+    return found if up_and_healthy else None
+
+
+def serve_command(tracking_uri: str) -> str | None:
+    """The `pretrain up` line whose MLflow server serves the SQLite store at `tracking_uri` (runs made
+    without a platform, e.g. by `pretrain pipeline`), its artifacts directory beside the database as
+    `model.tracking.ensure_experiment` places it; None when `tracking_uri` is not a SQLite file."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    return f"pretrain up --mlflow-backend-store {tracking_uri} --mlflow-artifacts {database.parent / 'mlartifacts'}"
+
+
 def apply_deployments(platform: Platform, *, timeout: float = 120.0) -> None:
     """`prefect deploy --all` of deployment.yaml, run from the repo root so the flows' working
     directory (Prefect's default pull step) is this checkout. Output goes to <home>/logs/deploy.log."""
@@ -280,12 +326,12 @@ def _service_specs(platform: Platform) -> dict[str, ServiceSpec]:
         prefect_server_env["PREFECT_SERVER_API_AUTH_STRING"] = os.environ["PREFECT_API_AUTH_STRING"]
     worker_env = {**base, **prefect_client, "PREFECT_WORKER_QUERY_SECONDS": "3"}
     mlflow_env = {**base, **mlflow_server, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    mlflow_dir = home / "mlflow"
+    backend_store, artifacts = platform.mlflow_stores
     mlflow_argv = [
         sys.executable, "-m", "mlflow", "server",
         "--host", platform.host, "--port", str(platform.mlflow_port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}",
-        "--artifacts-destination", str(mlflow_dir / "artifacts"),
+        "--backend-store-uri", backend_store,
+        "--artifacts-destination", artifacts,
     ]  # fmt: skip
     if platform.auth:
         mlflow_argv += ["--app-name", "basic-auth"]
@@ -388,7 +434,7 @@ def _spawn(home: Path, name: str, argv: list[str], env: dict[str, str]) -> int:
             start_new_session=True,
         )  # fmt: skip
     record = {"pid": proc.pid, "create_time": psutil.Process(proc.pid).create_time(), "argv": argv[:6]}
-    _atomic_write_json(home / "run" / f"{name}.pid", record)
+    atomic_write_json(home / "run" / f"{name}.pid", record)
     return proc.pid
 
 
@@ -486,7 +532,3 @@ def _setting(recorded: dict | None, key: str, env_name: str, default: object) ->
     if recorded is not None and key in recorded:
         return recorded[key]
     return os.environ.get(env_name, default)
-
-
-def _atomic_write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -1,7 +1,8 @@
-"""The training run's configuration: one pydantic model, read from JSON or YAML.
+"""The training run's configuration: pydantic models, read from JSON or YAML.
 
-``TrainConfig`` is what ``python -m model.trainer --config run.json`` reads and what a flow puts in
-its run form. Unknown keys are errors (a typo must not silently fall back to a default).
+``TrainConfig`` is what ``python -m model.trainer --config run.json`` reads: ``TrainSettings`` (what a
+person chooses, the pretrain flow's run form nests it) plus where the run reads and writes, which
+the flow sets. Unknown keys are errors (a typo must not silently fall back to a default).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from model.model import PRESETS, ModelConfig, model_config
 from model.parallelize import ReshardPolicy
@@ -46,54 +47,79 @@ class MlflowConfig(_Strict):
     experiment: str = "pretrain"
     run_name: str | None = None
     run_id: str | None = Field(None, description="log into this existing run (e.g. made by the flow)")
+    system_metrics_s: float | None = Field(
+        10.0, gt=0, description="seconds between samples of CPU, memory and GPU use; None: off"
+    )
 
 
-class TrainConfig(_Strict):
-    model: str = Field("tiny", description=f"size preset: {', '.join(PRESETS)}")
+# The form offers exactly the model's own presets (model/model.py).
+ModelPreset = Literal[tuple(PRESETS)]
+
+
+class TrainSettings(_Strict):
+    """What a person chooses about a training run; the pretrain flow's run form shows these fields."""
+
+    model: ModelPreset = Field("tiny", description="model size preset (model/model.py PRESETS)")
     model_overrides: dict[str, Any] = Field(default_factory=dict, description="ModelConfig fields to replace")
-    data_dir: Path
-    checkpoint_dir: Path
     micro_batch_size: int = Field(8, ge=1, description="sequences per rank per micro-step")
-    grad_accum_steps: int = Field(1, ge=1)
-    max_steps: int = Field(1000, ge=1)
-    seed: int = 0
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    health: HealthConfig = Field(default_factory=HealthConfig)
-    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    grad_accum_steps: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    max_steps: int = Field(1000, ge=1, description="optimizer steps of the whole run")
+    seed: int = Field(0, description="model init and data order")
+    optim: OptimConfig = Field(
+        default_factory=OptimConfig, description="AdamW and the learning-rate schedule"
+    )
+    health: HealthConfig = Field(
+        default_factory=HealthConfig, description="loss-spike detection and rollback"
+    )
     log_interval: int = Field(10, ge=1, description="steps between host syncs of the metrics")
-    checkpoint_interval: int = Field(500, ge=1)
-    keep_checkpoints: int = Field(3, ge=1)
+    checkpoint_interval: int = Field(
+        500, ge=1, description="steps between checkpoints; the pretrain flow evaluates each new one"
+    )
+    keep_checkpoints: int = Field(3, ge=1, description="complete checkpoints kept; older ones are deleted")
     checkpoint_async: bool = Field(
         True,
         description="write checkpoints in the background; training waits only for the copy to host memory",
     )
-    compile: bool = False
-    activation_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile each transformer block")
+    activation_checkpointing: bool = Field(False, description="recompute block activations in backward")
     fsdp_reshard_after_forward: ReshardPolicy = Field(
         "auto", description="free gathered block weights after forward; auto: only for big models"
     )
     fsdp_prefetch: int = Field(1, ge=1, description="blocks gathered ahead of the one computing")
     mixed_precision: bool = Field(True, description="bf16 params/activations, fp32 reduce; GPU only")
+    float8: bool = Field(False, description="blocks' linears in float8 (torchao; Hopper+, else emulated)")
     attention_kernel: Literal["default", "cudnn", "flash"] = Field(
         "default", description="SDPA kernel tried first on GPU (benchmarks/bench_train.py --sdpa)"
     )
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _known_preset(cls, name: str) -> str:
+        model_config(name)  # one error for an unknown preset, from the model's own table
+        return name
+
     @model_validator(mode="after")
-    def _check_model(self) -> TrainConfig:
-        self.model_config_for(vocab_size=PRESETS.get(self.model, ModelConfig()).vocab_size)
+    def _check_model(self) -> TrainSettings:
+        self.model_config_for(vocab_size=PRESETS[self.model].vocab_size)
         return self
 
     def model_config_for(self, vocab_size: int, seq_len: int | None = None) -> ModelConfig:
         """The model's shapes: preset, then the data's vocabulary and sequence length, then overrides."""
         fields: dict[str, Any] = {"vocab_size": vocab_size}
         if seq_len is not None:
-            fields["max_seq_len"] = max(
-                seq_len, PRESETS[self.model].max_seq_len if self.model in PRESETS else 0
-            )
+            fields["max_seq_len"] = max(seq_len, PRESETS[self.model].max_seq_len)
         unknown = set(self.model_overrides) - set(ModelConfig.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown model_overrides: {sorted(unknown)}")
         return model_config(self.model, **{**fields, **self.model_overrides})
+
+
+class TrainConfig(TrainSettings):
+    """The trainer's whole config: the settings plus where it reads and writes (set by the flow)."""
+
+    data_dir: Path = Field(description="packed data: one immutable version, resolved by the flow")
+    checkpoint_dir: Path
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
 
 def load_config(path: str | Path) -> TrainConfig:

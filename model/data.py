@@ -11,10 +11,22 @@ A packed data directory holds, per split (``train``, ``validation``):
   end-of-text token, so placements partition the stream (the tokens after the last whole window are
   dropped and counted in ``tail_tokens_dropped``).
 - ``documents.parquet`` (written by tasks/pack.py): one row per packed document with its url, WARC record
-  id, language, source and where its text lives in the input dataset: the lineage of every token.
+  id, ``lang``, ``source`` (URL host), ``dup_cluster`` (its near-duplicate cluster: the unit of the
+  split), ``slice``, ``split``, ``copies``, ``tokens`` and where its text lives in the input dataset:
+  the lineage of every token.
 - ``tokenizer.json``: a copy of the tokenizer the ids come from.
 - ``packing.json``: what the loader needs (seq_len, dtype, vocab size, special ids, shards per split with
   sequences and sha256, token counts). Written last but for the manifest.
+
+The language and source of a validation token: the placement holding its stream position (the
+document's end-of-text included) names its row in ``documents.parquet``. Validation is grouped by slice
+(``slice_by`` of packing.json: language x source by default): ``splits.validation.slices[name]`` has the
+slice's ``docs``, ``tokens`` and its stream range ``token_start``/``token_end``, so a slice's first
+windows hold mostly its own tokens. Which documents are validation does not depend on slices (a hash
+threshold of the near-duplicate cluster, see tasks/pack.py).
+
+``FORMAT_VERSION`` changes with the format; readers refuse another version with a one-line error.
+Version 2: the hash-threshold split and ``documents.parquet``'s ``dup_cluster``.
 
 This module may not import tasks/flows/prefect (it runs under torchrun): it owns the format, and
 tasks/pack.py writes through ``PackedShardWriter`` and ``write_packing_info``.
@@ -39,7 +51,7 @@ if TYPE_CHECKING:
 PACKING_FILE = "packing.json"
 DOCUMENTS_FILE = "documents.parquet"
 TOKENIZER_FILE = "tokenizer.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "validation")
 
 
@@ -224,7 +236,8 @@ def read_packing_info(data_dir: str | Path) -> dict[str, Any]:
     info = json.loads(path.read_text(encoding="utf-8"))
     if info.get("format_version") != FORMAT_VERSION:
         raise ValueError(
-            f"{path}: format_version {info.get('format_version')}, this code reads {FORMAT_VERSION}"
+            f"{data_dir} is packed in format {info.get('format_version')}, this code reads format "
+            f"{FORMAT_VERSION}: pack the data again"
         )
     info["tokenizer"] = str((Path(data_dir) / info["tokenizer"]).resolve())
     return info
@@ -269,7 +282,8 @@ class PackedLoader:
     ``loop=True`` runs forever, crossing epochs inside a batch if needed. ``loop=False`` yields one
     epoch: the last global batch may be short, and a rank past the end of the data gets no batch.
     ``shuffle=False`` (evaluation) keeps the stream order, so global sequence ``i`` covers tokens
-    ``[i * (seq_len + 1), (i + 1) * (seq_len + 1))`` of the split, which packing.json maps to slices.
+    ``[i * (seq_len + 1), (i + 1) * (seq_len + 1))`` of the split, which the placements map to
+    documents and so to languages and sources.
     """
 
     def __init__(

@@ -22,6 +22,10 @@ into the residual stream (``wo``, ``w2``) with σ = 0.02 / √(2·layers) (GPT-2
 stream's variance does not grow with depth; an untied output head uses σ = dim^-½ so the first
 logits are O(1). Norm weights start at one. ``init_weights`` can run after the parameters were
 materialised from the meta device (and sharded), so large models are never built whole on one host.
+
+Incremental decoding (samples, ``model/generate.py``): ``Transformer.forward_cached(tokens, cache)``
+runs only the new tokens against a ``KVCache`` of the keys and values of the positions before them.
+Training never passes a cache: its forward is the plain causal one.
 """
 
 from __future__ import annotations
@@ -107,6 +111,31 @@ def trunc_normal_(weight: torch.Tensor, std: float, generator: torch.Generator) 
         nn.init.trunc_normal_(weight, std=std, a=-3 * std, b=3 * std, generator=generator)
 
 
+class KVCache:
+    """Keys and values of the positions decoded so far, for ``Transformer.forward_cached``.
+
+    One preallocated buffer per layer, [batch, kv heads, max_len, head dim], filled on first use with
+    the dtype and device of the keys. ``pos`` counts the positions already in the cache.
+    """
+
+    def __init__(self, n_layers: int, max_len: int) -> None:
+        self.max_len = max_len
+        self.pos = 0
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' k, v [B, H, T, D] at ``pos``; return all keys and values so far."""
+        if self.keys[layer] is None:
+            B, H, _, D = k.shape
+            self.keys[layer] = k.new_empty(B, H, self.max_len, D)
+            self.values[layer] = v.new_empty(B, H, self.max_len, D)
+        end = self.pos + k.shape[2]
+        self.keys[layer][:, :, self.pos : end] = k
+        self.values[layer][:, :, self.pos : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -116,14 +145,27 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: tuple[KVCache, int] | None = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        causal, mask = True, None
+        if cache is not None:
+            # Incremental decoding: the new queries see every cached position and, causally, each other
+            # (one new query needs no mask). On an empty cache this is the training path's attention.
+            kv_cache, layer = cache
+            start = kv_cache.pos
+            cached_k, cached_v = kv_cache.append(layer, k, v)
+            if start:
+                k, v, causal = cached_k, cached_v, False
+                if T > 1:
+                    mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
         )
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -149,8 +191,10 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: tuple[KVCache, int] | None = None
+    ) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -205,6 +249,23 @@ class Transformer(nn.Module):
         for block in self.layers.values():
             h = block(h, cos, sin)
         return self.head(h, targets)
+
+    @torch.no_grad()
+    def forward_cached(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, T, vocab] of ``tokens`` that follow the ``cache.pos`` positions already in ``cache``.
+
+        Appends the tokens' keys and values to the cache. On an empty cache this is ``forward(tokens)``
+        (the same kernels, the same logits); then one token at a time makes decoding linear in length.
+        """
+        start, T = cache.pos, tokens.shape[1]
+        if start + T > min(cache.max_len, self.cfg.max_seq_len):
+            raise ValueError(f"{start + T} positions exceed the cache ({cache.max_len}) or max_seq_len")
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        h = self.tok_embeddings(tokens)
+        for layer, block in enumerate(self.layers.values()):
+            h = block(h, cos, sin, (cache, layer))
+        cache.pos += T
+        return self.head(h)
 
     def head(self, h: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm and output projection; with targets, the loss (a unit of its own, compiled apart)."""

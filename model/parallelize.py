@@ -1,8 +1,9 @@
 """Parallelism applied to a plain ``Transformer`` from the outside (torchtitan style).
 
-Order matters: activation checkpointing wraps each block, ``torch.compile`` compiles each block (one
-small graph compiled once and reused, instead of one huge graph), then FSDP2 ``fully_shard`` shards
-each block and finally the root (embeddings, final norm, output head).
+Order matters: float8 linears replace the blocks' ``nn.Linear`` (``model/float8.py``), activation
+checkpointing wraps each block (or every k-th), ``torch.compile`` compiles each block (one small graph
+compiled once and reused, instead of one huge graph), then FSDP2 ``fully_shard`` shards each block and
+finally the root (embeddings, final norm, output head).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from model.float8 import convert_to_float8, has_float8_tensor_cores
 from model.model import Transformer
 
 
@@ -58,10 +60,11 @@ def parallelize(
     mesh: DeviceMesh,
     *,
     mixed_precision: bool,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool | int = False,
     compile: bool = False,
     reshard_after_forward: ReshardPolicy = "auto",
     prefetch: int = 1,
+    float8: bool = False,
 ) -> Transformer:
     """Shard ``model`` over ``mesh`` with FSDP2, in place; returns it for chaining.
 
@@ -70,10 +73,17 @@ def parallelize(
     many ranks loses precision). Off on CPU, where everything is fp32.
     ``prefetch``: how many blocks ahead (forward) or behind (backward) are gathered while a block
     computes; 1 is FSDP2's own default, more hides slow links at the cost of memory.
+    ``activation_checkpointing``: recompute the activations of every k-th block in backward (True or 1:
+    every block; 2: every second one, which keeps half the blocks' activations for less recompute).
+    ``float8``: the blocks' linears compute in float8 (``model/float8.py``); emulated where the
+    device has no float8 tensor cores.
     """
+    if float8:
+        convert_to_float8(model, emulate=not has_float8_tensor_cores(mesh.device_type))
     reshard = resolve_reshard(reshard_after_forward, model, mesh)
+    every = int(activation_checkpointing)
     for name, block in list(model.layers.items()):
-        if activation_checkpointing:
+        if every and int(name) % every == 0:
             block = checkpoint_wrapper(block, preserve_rng_state=False)
         if compile:
             block.compile(fullgraph=True)  # in place: parameter names stay unchanged

@@ -201,6 +201,7 @@ class Trainer:
             compile=cfg.compile,
             reshard_after_forward=cfg.fsdp_reshard_after_forward,
             prefetch=cfg.fsdp_prefetch,
+            float8=cfg.float8,
         )
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.checkpointer = Checkpointer(
@@ -227,6 +228,7 @@ class Trainer:
             run_name=cfg.mlflow.run_name,
             run_id=cfg.mlflow.run_id or self.state.mlflow_run_id,
             params={"config": cfg.model_dump(mode="json"), "model_shapes": asdict(self.model_cfg)},
+            system_metrics_s=cfg.mlflow.system_metrics_s,
         )
         self.state.mlflow_run_id = self.metrics.run_id
         self.metrics.event(

@@ -9,14 +9,19 @@ Shards and manifests are written atomically (temporary file in the same director
 ``os.replace``) and deterministically (no timestamps, fixed Parquet settings), so a killed run
 leaves no partial file and a re-run writes the same bytes. A directory without ``manifest.json``
 is not a dataset: readers never look at shards the manifest does not list.
+
+A dataset's identity is ``dataset_digest``, a hash of its manifest without locations: the same
+bytes in another workdir or on object storage have the same digest. Datasets a training run reads
+are published as immutable versions (``publish_version``, ``resolve_version``).
 """
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,6 +30,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
+
+from tasks.atomic import atomic_path, atomic_write_text
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -74,11 +81,15 @@ class ShardInfo(BaseModel):
 
 
 class InputRef(BaseModel):
-    """What a dataset was made from: another dataset (by the hash of its manifest) or a raw file
-    such as a crawl WARC (by a fingerprint of its size and modification time or ETag)."""
+    """What a dataset was made from: another dataset (by its ``dataset_digest``) or a raw file such
+    as a crawl WARC (by a fingerprint of its size and modification time or ETag).
+
+    ``path`` says where the input was read from, for a person or a lineage walk on this machine; it
+    is no part of the identity: ``dataset_digest`` leaves it out.
+    """
 
     path: str
-    manifest_sha256: str | None = None
+    digest: str | None = None
     fingerprint: str | None = None
 
 
@@ -113,34 +124,6 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
-
-    On any exception the temporary file is removed and ``path`` is left as it was.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_table(table: pa.Table, path: str | os.PathLike[str]) -> ShardInfo:
@@ -237,12 +220,101 @@ def read_manifest(dataset_dir: str | os.PathLike[str]) -> Manifest:
     return Manifest.model_validate_json(target.read_text(encoding="utf-8"))
 
 
-def manifest_sha256(dataset_dir: str | os.PathLike[str]) -> str:
-    return sha256_file(manifest_path(dataset_dir))
+def dataset_digest(dataset_dir: str | os.PathLike[str]) -> str:
+    """Content-only identity of a dataset (64 hex): the same bytes anywhere give the same digest.
+
+    It hashes the manifest, which names every shard by its sha256, minus the location of each input
+    (inputs count by their own digests). It trusts the recorded shard hashes and reads no shard:
+    ``verify`` is what checks the shards against them.
+    """
+    content = read_manifest(dataset_dir).model_dump(by_alias=True)
+    for ref in content["inputs"]:
+        del ref["path"]
+    return sha256_bytes(
+        json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    )
+
+
+def mlflow_digest(dataset_dir: str | os.PathLike[str]) -> str:
+    """The digest MLflow dataset entries carry (MLflow keeps 36 characters at most)."""
+    return dataset_digest(dataset_dir)[:32]
 
 
 def input_ref(dataset_dir: str | os.PathLike[str]) -> InputRef:
-    return InputRef(path=str(Path(dataset_dir).resolve()), manifest_sha256=manifest_sha256(dataset_dir))
+    return InputRef(path=str(Path(dataset_dir).resolve()), digest=dataset_digest(dataset_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# Versioned publication: a dataset a run may read (tokenizer, packed data) is never rewritten. Its
+# root holds immutable ``versions/<v>/`` (``<v>`` = the first 16 hex of its digest) and a
+# ``LATEST`` file naming the newest; a run pins the version dir it started with.
+
+VERSIONS = "versions"
+LATEST = "LATEST"
+VERSION_CHARS = 16
+
+
+def publish_version(built_dir: str | os.PathLike[str], root: str | os.PathLike[str]) -> Path:
+    """Move the finished dataset ``built_dir`` to ``root/versions/<v>/`` and point ``root/LATEST`` at it.
+
+    The version dir appears by one rename and LATEST changes by one rename, so a publish killed at
+    any point leaves the old LATEST or the new one, each naming a whole version. Publishing content
+    that is already a version moves nothing (``built_dir``, a copy of it, is removed) and only points
+    LATEST at it. Returns the version dir.
+    """
+    built, root = Path(built_dir), Path(root)
+    version = dataset_digest(built)[:VERSION_CHARS]
+    target = root / VERSIONS / version
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if built.resolve() != target.resolve():
+        if (target / MANIFEST).is_file():  # already published: this copy of it is litter
+            shutil.rmtree(built)
+        else:
+            _move_into_place(built, target)
+    atomic_write_text(root / LATEST, version + "\n")
+    return target
+
+
+def _move_into_place(built: Path, target: Path) -> None:
+    """Rename ``built`` to ``target``; across file systems, copy beside ``target`` first, then rename.
+
+    Losing the race to a concurrent publisher of the same version is fine: its dir holds the same
+    content. ``built`` is gone afterwards either way.
+    """
+    staged = built
+    if os.stat(built).st_dev != os.stat(target.parent).st_dev:
+        # A temporary name (TEMP_GLOB) so that a killed copy is removed as litter, never published.
+        staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        shutil.copytree(built, staged, dirs_exist_ok=True)
+    try:
+        os.rename(staged, target)
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not (target / MANIFEST).is_file():
+            raise
+        shutil.rmtree(staged)
+    if built.exists():
+        shutil.rmtree(built)
+
+
+def resolve_version(path: str | os.PathLike[str]) -> Path:
+    """The dataset dir a reader should use: a published root's LATEST version, else ``path`` itself.
+
+    A version dir or a plain dataset resolves to itself; anything else raises FileNotFoundError with
+    a one-line message.
+    """
+    path = Path(path)
+    latest = path / LATEST
+    if latest.is_file():
+        version = latest.read_text(encoding="utf-8").strip()
+        target = path / VERSIONS / version
+        if not (target / MANIFEST).is_file():
+            raise FileNotFoundError(f"{latest} names version {version!r}, but {target} is not a dataset")
+        return target.resolve()
+    if (path / MANIFEST).is_file():
+        return path.resolve()
+    raise FileNotFoundError(
+        f"{path} is neither a published dataset (no {LATEST}) nor a dataset (no {MANIFEST})"
+    )
 
 
 def shard_paths(dataset_dir: str | os.PathLike[str], manifest: Manifest | None = None) -> list[Path]:

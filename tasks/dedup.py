@@ -58,7 +58,16 @@ from pydantic import BaseModel, Field
 
 from tasks import dataset as ds
 from tasks import minhash
-from tasks.stage import ShardResult, StageStats, code_version, finalize_dataset, shard_name, write_rejects
+from tasks.atomic import atomic_write_text
+from tasks.stage import (
+    ShardResult,
+    StageStats,
+    code_version,
+    file_doc_id,
+    finalize_dataset,
+    shard_name,
+    write_rejects,
+)
 
 STAGE = "dedup"
 INDEX_FILE = "index.json"
@@ -575,7 +584,7 @@ def _read_index(index_dir: Path | None) -> dict[str, Any]:
 
 
 def _batch_key(input_dirs: list[Path]) -> str:
-    return hashlib.sha256("\n".join(ds.manifest_sha256(d) for d in input_dirs).encode()).hexdigest()
+    return hashlib.sha256("\n".join(ds.dataset_digest(d) for d in input_dirs).encode()).hexdigest()
 
 
 def _index_sources(index_dir: Path, segments: list[dict[str, Any]]) -> list[Source]:
@@ -628,7 +637,7 @@ def _add_segment(
 
 def _write_index(index_dir: Path, index: dict[str, Any]) -> None:
     """Replace index.json in one rename: the moment the new segment becomes part of the index."""
-    ds.atomic_write_text(index_dir / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(index_dir / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -732,7 +741,7 @@ def dedup_datasets(
         results,
         schema,
         config,
-        code_version(minhash, sys.modules[__name__]),
+        code_version(sys.modules[__name__]),
         [ds.input_ref(d) for d in input_dirs],
         extra={"dedup": report},
     )
@@ -833,10 +842,7 @@ def dedup_file(
     for number, row in enumerate(ds.iter_file_rows(input_path), 1):
         if not isinstance(row.get("text"), str):
             raise ValueError(f"{input_path}: row {number} has no text field")
-        doc_id = row.get("doc_id") or (
-            str(row["id"]) if row.get("id") is not None else f"{input_path.name}:{number}"
-        )
-        rows.append({**row, "doc_id": doc_id})
+        rows.append({**row, "doc_id": file_doc_id(row, input_path.name, number)})
     with tempfile.TemporaryDirectory(prefix="dedup-file-") as tmp:
         dataset = Path(tmp) / "input"
         table = pa.table({"doc_id": [r["doc_id"] for r in rows], "text": [r["text"] for r in rows]})

@@ -57,6 +57,7 @@ INGEST_SCHEMA = ds.DOCUMENT_SCHEMA.append(
 ).append(pa.field("charset_source", pa.string()))  # bom / header / meta / detected
 
 CRAWL_FILE_SUFFIXES = (".warc", ".warc.gz", ".wet", ".wet.gz", ".arc.gz")
+UNNAMED_SNAPSHOT = "unnamed"  # the snapshot of crawl files whose path names none
 DOCUMENT_RECORD_TYPES = frozenset({"response", "revisit", "resource", "conversion"})
 _SNAPSHOT = re.compile(r"CC-MAIN-\d{4}-\d{2}(?![0-9])")
 _GZIP_MAGIC = b"\x1f\x8b\x08"
@@ -102,8 +103,8 @@ class IngestConfig(BaseModel):
 
 
 def code_version() -> str:
-    """Version of the ingest code (this module, the extractor module and the contract)."""
-    return st.code_version(sys.modules[__name__], ex)
+    """Version of the ingest code: this module and every project module it imports (extractor, contract)."""
+    return st.code_version(sys.modules[__name__])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,56 +125,131 @@ def _read_listing(fs: fsspec.AbstractFileSystem, listing: str, root: str) -> lis
         return [_full_path(fs, f"{root}/{line.strip()}") for line in lines if line.strip()]
 
 
-def list_crawl_files(
-    source: str, snapshot: str | None = None, kinds: tuple[str, ...] = ("warc", "wet")
-) -> list[str]:
-    """Resolve ``source`` to the crawl files to ingest, in a stable order.
+class CrawlInputError(ValueError):
+    """``--crawl`` names nothing ingest can read; the message is one line for the user."""
 
-    ``source`` is a crawl root (holding ``crawl-data/<SNAPSHOT>/<kind>.paths.gz``; with ``snapshot``
-    None, every snapshot found, if the file system can list directories), a ``*.paths.gz`` listing, a glob, or a single
-    file (``.warc``, ``.warc.gz``, ``.warc.wet.gz``); local paths, ``http(s)://`` and ``s3://``
-    URLs alike (e.g. ``s3://commoncrawl``, ``CC-MAIN-2024-10``). ``kinds`` selects the listings of
-    a crawl root.
+
+def resolve_crawl(
+    crawl: str, snapshots: list[str], kinds: list[str], max_files: int | None
+) -> dict[str, list[str]]:
+    """The crawl files to ingest, per snapshot in processing order (the one resolver of ``--crawl``).
+
+    ``crawl`` is any of, as a local path or an ``http(s)://`` / ``s3://`` URL:
+
+    - a crawl root holding ``crawl-data/<SNAPSHOT>/<kind>.paths.gz``: ``snapshots`` picks them, in
+      the order given; empty: every snapshot under ``crawl-data/`` in name order (needs a file
+      system that lists directories: local, s3, or an HTTP server with directory pages);
+    - a ``*.paths.gz`` listing: one snapshot, the one its path names (below);
+    - a glob of crawl files, or a single ``.warc[.gz]`` / ``.wet[.gz]`` / ``.arc.gz`` file: each file
+      in the snapshot its path names.
+
+    A path names a snapshot by a ``crawl-data/<SNAPSHOT>/`` segment or a ``CC-MAIN-YYYY-WW`` part
+    (``snapshot_of``); files whose path names none are in the snapshot ``UNNAMED_SNAPSHOT``. With a
+    listing, glob or file, non-empty ``snapshots`` keeps only those. ``kinds`` (``warc``, ``wet``)
+    selects a root's listings and, for the other forms, the files by name. ``max_files`` keeps the
+    first files of each snapshot. Raises CrawlInputError when ``crawl`` is none of these, names no
+    file, or cannot be read.
     """
-    fs, root = url_to_fs(source)
+    from aiohttp import ClientError as HTTPError  # the errors of fsspec's http and s3 back ends
+    from botocore.exceptions import BotoCoreError, NoCredentialsError
+
+    try:
+        found = _resolve(crawl, snapshots, kinds)
+    except (OSError, UnicodeDecodeError, HTTPError, BotoCoreError) as e:
+        hint = " (a public bucket such as s3://commoncrawl: set FSSPEC_S3_ANON=true)"
+        raise CrawlInputError(
+            f"cannot read crawl {crawl}: {type(e).__name__}: {e}"
+            + (hint if isinstance(e, NoCredentialsError) else "")
+        ) from e
+    if snapshots:
+        missing = [s for s in snapshots if not found.get(s)]
+        if missing:
+            raise CrawlInputError(
+                f"{crawl}: no {'/'.join(kinds)} files of snapshot {', '.join(missing)} "
+                f"(found: {', '.join(found) or 'none'})"
+            )
+        found = {s: found[s] for s in snapshots}
+    found = {s: files[:max_files] if max_files else files for s, files in found.items() if files}
+    if not found:
+        raise CrawlInputError(f"{crawl}: no {'/'.join(kinds)} crawl files found")
+    return found
+
+
+def _resolve(crawl: str, snapshots: list[str], kinds: list[str]) -> dict[str, list[str]]:
+    fs, root = url_to_fs(crawl)
     root = root.rstrip("/")
-    is_url = source.startswith(("http://", "https://"))  # "?" starts a query there, not a glob
-    if not is_url and glob.has_magic(source):
-        paths = sorted(p for p in fs.glob(root) if not fs.isdir(p))
+    is_url = crawl.startswith(("http://", "https://"))  # "?" starts a query there, not a glob
+    if not is_url and glob.has_magic(crawl):
+        paths = sorted(p for p in fs.glob(root) if p.endswith(CRAWL_FILE_SUFFIXES) and not fs.isdir(p))
         if not paths:
-            raise FileNotFoundError(f"no crawl files match {source}")
-        return [_full_path(fs, p) for p in paths]
+            raise CrawlInputError(f"no crawl files ({', '.join(CRAWL_FILE_SUFFIXES)}) match {crawl}")
+        return _by_snapshot([_full_path(fs, p) for p in paths], kinds)
     if root.endswith(".paths.gz"):
+        if not _exists(fs, root):
+            raise CrawlInputError(f"crawl listing {crawl} does not exist")
         crawl_root = root.split("/crawl-data/")[0] if "/crawl-data/" in root else root.rsplit("/", 1)[0]
-        return _read_listing(fs, root, crawl_root)
+        return {snapshot_of(crawl) or UNNAMED_SNAPSHOT: _of_kinds(_read_listing(fs, root, crawl_root), kinds)}
     if root.endswith(CRAWL_FILE_SUFFIXES):
-        if not fs.exists(root):
-            raise FileNotFoundError(f"crawl file {source} does not exist")
-        return [source]
-    # A crawl root. Without a snapshot its crawl-data/ must be listable (not so on most HTTP servers).
-    if snapshot:
-        snapshots = [snapshot]
-    elif fs.isdir(f"{root}/crawl-data"):
-        snapshots = sorted(Path(p).name for p in fs.ls(f"{root}/crawl-data", detail=False))
-    else:
-        raise FileNotFoundError(
-            f"{source} is not a crawl file, listing, glob, or a crawl root with crawl-data/"
-        )
-    files: list[str] = []
+        if not _exists(fs, root):
+            raise CrawlInputError(f"crawl file {crawl} does not exist")
+        return _by_snapshot([crawl], kinds)
+    if not snapshots:
+        if not fs.isdir(f"{root}/crawl-data"):
+            raise CrawlInputError(_not_a_crawl(crawl, fs, root))
+        snapshots = sorted(Path(p.rstrip("/")).name for p in fs.ls(f"{root}/crawl-data", detail=False))
+    elif _is_local(fs) and not fs.isdir(f"{root}/crawl-data"):
+        raise CrawlInputError(_not_a_crawl(crawl, fs, root))
+    found: dict[str, list[str]] = {}
     for snap in snapshots:
-        for kind in kinds:
-            listing = f"{root}/crawl-data/{snap}/{kind}.paths.gz"
-            if fs.exists(listing):
-                files.extend(_read_listing(fs, listing, root))
-    if not files:
-        raise FileNotFoundError(
-            f"{source}: no crawl-data/{snapshot or '*'}/{{{','.join(kinds)}}}.paths.gz listing found"
-        )
-    return files
+        listings = [f"{root}/crawl-data/{snap}/{kind}.paths.gz" for kind in kinds]
+        found[snap] = [
+            f for listing in listings if _exists(fs, listing) for f in _read_listing(fs, listing, root)
+        ]
+    return found
+
+
+def _exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Like ``fs.exists``, but an unreachable server raises instead of reading as "missing"."""
+    try:
+        fs.info(path)
+    except FileNotFoundError as e:
+        # fsspec's http back end reports every failure as FileNotFoundError, the real one as its
+        # cause: a connection error or timeout (OSError) is not a missing file.
+        if isinstance(e.__cause__, OSError) and not isinstance(e.__cause__, FileNotFoundError):
+            raise e.__cause__ from None
+        return False
+    return True
+
+
+def _not_a_crawl(crawl: str, fs: fsspec.AbstractFileSystem, root: str) -> str:
+    if not _exists(fs, root):
+        return f"crawl {crawl} does not exist"
+    suffixes = ", ".join(CRAWL_FILE_SUFFIXES)
+    return (
+        f"{crawl} is not a crawl root (no crawl-data/; over HTTP name the snapshots), a *.paths.gz "
+        f"listing, a glob or a crawl file ({suffixes})"
+    )
+
+
+def _of_kinds(files: list[str], kinds: list[str]) -> list[str]:
+    """The files of ``kinds`` by name: WET files end in ``.wet`` or ``.wet.gz``, WARC/ARC the others."""
+    return [f for f in files if ("wet" if f.endswith((".wet", ".wet.gz")) else "warc") in kinds]
+
+
+def _by_snapshot(files: list[str], kinds: list[str]) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for f in _of_kinds(files, kinds):
+        found.setdefault(snapshot_of(f) or UNNAMED_SNAPSHOT, []).append(f)
+    return dict(sorted(found.items()))
+
+
+_CRAWL_DATA_SEGMENT = re.compile(r"(?:^|/)crawl-data/([^/]+)/")
 
 
 def snapshot_of(source: str) -> str | None:
-    """The Common Crawl snapshot named in a crawl file's path (``.../crawl-data/CC-MAIN-2026-40/...``)."""
+    """The snapshot a path names: its ``crawl-data/<SNAPSHOT>/`` segment, else a ``CC-MAIN-YYYY-WW`` in it."""
+    if match := _CRAWL_DATA_SEGMENT.search(source):
+        return match.group(1)
     match = _SNAPSHOT.search(source)
     return match.group(0) if match else None
 
@@ -583,7 +659,7 @@ def iter_documents(
 ) -> Iterator[dict]:
     """Documents of one crawl file, with ``stats`` counting every record that could be one.
 
-    ``snapshot`` defaults to the ``CC-MAIN-YYYY-WW`` in the file's path.
+    ``snapshot`` defaults to the one the file's path names (``snapshot_of``).
     """
     snapshot = snapshot or snapshot_of(source)
     with fsspec.open(source, "rb") as f:

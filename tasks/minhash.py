@@ -112,6 +112,30 @@ def _tokens(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return starts, ends, _fmix64(poly + (ends - starts).astype(np.uint64) * _MIX)
 
 
+def line_keys(text: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per line of ``text``: a uint64 key of its folded tokens in order, and its number of tokens;
+    (0, 0) for a line without tokens. Vectorized over the whole text.
+
+    The same line re-cased, re-spaced or re-punctuated has the same key: what boilerplate detection
+    counts. Numbers stay part of the key: without them, every "Django 1.9.3 release notes" title and
+    every line of a directory listing would be one line.
+    """
+    folded = fold_text(text)
+    if folded.count("\n") != text.count("\n"):  # NFKC never makes newlines; guard the line count anyway
+        folded = "\n".join(fold_text(line) for line in text.split("\n"))
+    codes = np.frombuffer(folded.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    starts, _, hashes = _tokens(codes)
+    lines = np.searchsorted(np.flatnonzero(codes == 10), starts)
+    words = np.bincount(lines, minlength=folded.count("\n") + 1)
+    position = np.arange(starts.size) - np.concatenate([[0], np.cumsum(words)])[lines]
+    keys = np.zeros(words.size, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        np.add.at(keys, lines, _fmix64(hashes + position.astype(np.uint64) * _MIX))
+        keys = _fmix64(keys + words.astype(np.uint64))
+    keys[words == 0] = 0
+    return keys, words
+
+
 def token_hashes(text: str) -> np.ndarray:
     """uint64 hash of every token of ``text`` (already folded), in order."""
     return _tokens(np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32))[2]

@@ -2,14 +2,19 @@
 
 Steps, all deterministic given the inputs and ``seed``:
 
-1. Split by document: within every slice (language x source, see ``slice_by``) a fraction of documents,
-   chosen by a hash of the doc id, is held out for validation, so evaluation can report per slice.
+1. Split by near-duplicate cluster (``split_units``): a document is in validation when the hash of its
+   cluster, a uniform number in (0, 1), is below ``validation_fraction``. A fixed threshold on a
+   stable unit: a validation document stays in validation when later refreshes add documents, the
+   held-out share is ``validation_fraction`` whatever the shape of the slices, and near duplicates are
+   never on both sides.
 2. Tokenize every kept document, in parallel over input shards (``encode_batch`` inside each worker).
 3. Apply the mixture to train documents: a weight ``w`` gives ``floor(w)`` copies plus one more with
    probability ``w - floor(w)`` (decided by hash), so 0.5 halves a slice and 2 doubles it; validation
    keeps the natural distribution.
 4. Order: train copies in one seeded global shuffle; validation grouped by slice (each slice one token
-   range of the stream, recorded in packing.json), shuffled within.
+   range of the stream, recorded in packing.json), shuffled within. Slices (``slice_by``) decide only
+   this order and the token counts: evaluation samples windows and takes a minimum per slice, the
+   split itself never looks at slices.
 5. Concatenate documents, each followed by end-of-text, cut into windows of ``seq_len + 1`` tokens and
    write ``.bin`` shards (format and writer in model/data.py); the tail after the last whole window is
    dropped and counted.
@@ -21,7 +26,6 @@ character span of each document's text in that sequence.
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 import os
 import shutil
@@ -33,6 +37,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
@@ -40,6 +45,7 @@ from model import data as packed
 from tasks import dataset as ds
 from tasks import stage as st
 from tasks import tokenizer as tk
+from tasks.atomic import atomic_path, atomic_write_bytes
 
 STAGE = "pack"
 WORK_DIR = ".pack-work"
@@ -51,18 +57,16 @@ class PackConfig(BaseModel):
         0, description="Seed of the validation split, the mixture draws and the global shuffle."
     )
     validation_fraction: float = Field(
-        0.005, ge=0, lt=1, description="Fraction of the documents of every slice held out for validation."
-    )
-    validation_min_docs_per_slice: int = Field(
-        1,
+        0.005,
         ge=0,
-        description="A slice with more documents than this gives at least this many to validation, "
-        "so small slices can still be evaluated.",
+        lt=1,
+        description="Share of the near-duplicate clusters (documents, after dedup's drop mode) held out "
+        "for validation, by a fixed hash threshold: later refreshes keep earlier validation documents.",
     )
     slice_by: list[Literal["lang", "source"]] = Field(
         default_factory=lambda: ["lang", "source"],
-        description="What defines a slice for the validation split and the token counts: language, "
-        "source (URL host) or both.",
+        description="What defines a slice for the grouping of the validation stream and the token "
+        "counts: language, source (URL host) or both. The split does not depend on it.",
     )
     mixture: tk.Mixture = Field(
         default_factory=tk.Mixture,
@@ -96,7 +100,7 @@ def tokenize_shard(
     tokenizer = tk.load_tokenizer(tokenizer_file)
     texts = pq.read_table(parquet_file, columns=["text"]).column("text").take(pa.array(rows)).to_pylist()
     lengths = np.zeros(len(texts), dtype=np.int64)
-    with ds.atomic_path(out_file) as tmp, open(tmp, "wb") as f:
+    with atomic_path(out_file) as tmp, open(tmp, "wb") as f:
         for start in range(0, len(texts), batch_docs):
             ids = tk.encode_texts(tokenizer, texts[start : start + batch_docs])
             for k, doc in enumerate(ids):
@@ -160,24 +164,29 @@ def slice_names(meta: pa.Table, slice_by: list[str]) -> np.ndarray:
     return names
 
 
-def validation_mask(
-    doc_ids: list[str], slices: np.ndarray, kept: np.ndarray, config: PackConfig
-) -> np.ndarray:
-    """Per slice, the documents with the lowest hash: round(fraction x n), at least the minimum."""
-    units = tk.doc_units(doc_ids, config.seed, "validation")
-    mask = np.zeros(len(doc_ids), dtype=bool)
-    kept_rows = np.flatnonzero(kept)
-    names, groups = np.unique(slices[kept_rows].astype(str), return_inverse=True)
-    order = np.lexsort((units[kept_rows], groups))
-    bounds = np.searchsorted(groups[order], np.arange(len(names) + 1))
-    for g in range(len(names)):
-        members = kept_rows[order[bounds[g] : bounds[g + 1]]]
-        n = len(members)
-        count = math.floor(config.validation_fraction * n + 0.5)
-        if n > config.validation_min_docs_per_slice:
-            count = max(count, config.validation_min_docs_per_slice)
-        mask[members[: min(count, n)]] = True
-    return mask
+def split_units(input_dirs: list[Path]) -> list[str]:
+    """The unit of the validation split per input document (``read_document_meta``'s row order).
+
+    Its near-duplicate cluster: ``dup_cluster`` where dedup ran in annotate mode (the cluster's
+    survivor's doc_id, stable across refreshes), else the doc_id (in drop mode every survivor is its
+    own cluster, named by its doc_id as annotate mode would name it).
+    """
+    units: list[str] = []
+    for input_dir in input_dirs:
+        for path in ds.shard_paths(input_dir):
+            file = pq.ParquetFile(path)
+            columns = ["doc_id", *(["dup_cluster"] if "dup_cluster" in file.schema_arrow.names else [])]
+            table = file.read(columns=columns)
+            doc_ids = table.column("doc_id").cast(pa.string())
+            if "dup_cluster" in columns:
+                doc_ids = pc.coalesce(table.column("dup_cluster").cast(pa.string()), doc_ids)
+            units.extend(doc_ids.to_pylist())
+    return units
+
+
+def validation_mask(units: list[str], fraction: float, seed: int) -> np.ndarray:
+    """In validation: the unit's hash, uniform in (0, 1), is below ``fraction`` (whatever else is packed)."""
+    return tk.doc_units(units, seed, "validation") < fraction
 
 
 def mixture_copies(doc_ids: list[str], weights: np.ndarray, seed: int) -> np.ndarray:
@@ -225,7 +234,8 @@ def pack_datasets(
     unwanted = np.flatnonzero(~broken & (weights == 0))
     _drop(stats, meta, unwanted, "mixture_weight_zero", "language/source weight is 0")
     slices = slice_names(meta, config.slice_by)
-    validation = validation_mask(doc_ids, slices, weights > 0, config)
+    units = split_units(input_dirs)
+    validation = validation_mask(units, config.validation_fraction, config.seed)
     copies = np.where(validation, 1, mixture_copies(doc_ids, weights, config.seed))
     copies[weights == 0] = 0
     downsampled = np.flatnonzero((weights > 0) & (copies == 0))
@@ -290,6 +300,7 @@ def pack_datasets(
     documents = meta.select(["doc_id", *tk.LINEAGE_COLUMNS, "lang", "source", "input", "shard", "row"]).take(
         pa.array(packed_rows)
     )
+    documents = documents.append_column("dup_cluster", pa.array(np.array(units, dtype=object)[packed_rows]))
     documents = documents.append_column("slice", pa.array(slices[packed_rows].astype(str)))
     documents = documents.append_column(
         "split", pa.array(np.where(validation[packed_rows], "validation", "train"))
@@ -298,11 +309,11 @@ def pack_datasets(
     documents = documents.append_column("tokens", pa.array(n_tokens[packed_rows]))
     documents_info = ds.write_table(documents, output_dir / packed.DOCUMENTS_FILE)
     tokenizer_body = tokenizer_file.read_bytes()
-    ds.atomic_write_bytes(output_dir / packed.TOKENIZER_FILE, tokenizer_body)
+    atomic_write_bytes(output_dir / packed.TOKENIZER_FILE, tokenizer_body)
     rejects = st.write_rejects(stats, output_dir, 0)
     config_data = config.model_dump(mode="json")
     inputs = [ds.input_ref(d) for d in input_dirs]
-    code = st.code_version(sys.modules[__name__], packed, tk, tk.text_words)
+    code = st.code_version(sys.modules[__name__])
     ds.write_manifest(
         output_dir / "rejects",
         ds.Manifest(
@@ -385,8 +396,9 @@ def trace(data_dir: str | Path, shard: int, seq: int, split: str = "train") -> l
     (``doc_token_start/end``), the character span of the document's text (``char_start/end``; the
     spans of consecutive sequences partition the text; a character split over two sequences goes to
     the later one), ``ends_document`` (its end-of-text is in this sequence) and the span's ``text``.
+    ``data_dir`` is a packed dataset or a published root (its LATEST version is traced).
     """
-    data_dir = Path(data_dir)
+    data_dir = ds.resolve_version(data_dir)
     info = packed.read_packing_info(data_dir)
     shards = info["splits"][split]["shards"]
     if not 0 <= shard < len(shards) or not 0 <= seq < shards[shard]["sequences"]:
@@ -406,7 +418,7 @@ def trace(data_dir: str | Path, shard: int, seq: int, split: str = "train") -> l
         start, n, row = (int(v) for v in placements[k])
         doc = documents.slice(row, 1).to_pylist()[0]
         ref = manifest.inputs[doc["input"]]
-        if ds.manifest_sha256(ref.path) != ref.manifest_sha256:
+        if ds.dataset_digest(ref.path) != ref.digest:
             raise ValueError(f"input dataset {ref.path} changed since packing: cannot trace text spans")
         doc_id, text = _read_text(Path(ref.path), doc["shard"], doc["row"])
         encoding = tokenizer.encode(text, add_special_tokens=False)

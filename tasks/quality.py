@@ -39,7 +39,6 @@ of gopher repetition (gopher_top_{n}gram, gopher_dup_{n}gram), the most expensiv
 from __future__ import annotations
 
 import re
-import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
 from tasks import text as tx
-from tasks.stage import Document, DocumentStage, StageStats, code_version
+from tasks.stage import Document, DocumentStage, StageStats
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -737,10 +736,6 @@ class QualityStage(DocumentStage):
     def __init__(self, config: QualityConfig | None = None):
         super().__init__(config or QualityConfig())
         self._rules: dict[str, LanguageRules] = {}
-
-    def code_version(self) -> str:
-        # The word splitting and stop-word lists of tasks.text decide drops too.
-        return code_version(sys.modules[__name__], tx)
 
     def rules(self, lang: str) -> LanguageRules:
         if lang not in self._rules:

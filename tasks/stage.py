@@ -12,8 +12,8 @@ dataset shard by shard inside a Prefect task, all through the functions below.
 
 from __future__ import annotations
 
+import ast
 import hashlib
-import inspect
 import json
 import sys
 from abc import ABC, abstractmethod
@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -164,21 +164,91 @@ def run_stage(stage: DocumentStage, docs: Iterable[Document], stats: StageStats)
         yield doc
 
 
+def file_doc_id(row: Document, file_name: str, number: int) -> str:
+    """A row's document id in a plain file: its ``doc_id``, else its ``id``, else ``<file name>:<row number>``."""
+    if row.get("doc_id"):
+        return str(row["doc_id"])
+    return str(row["id"]) if row.get("id") is not None else f"{file_name}:{number}"
+
+
+def file_documents(path: str | Path) -> Iterator[Document]:
+    """The rows of a JSONL or Parquet file as documents, each with a ``doc_id`` (``file_doc_id``)."""
+    name = Path(path).name
+    for number, row in enumerate(ds.iter_file_rows(path), 1):
+        yield {**row, "doc_id": file_doc_id(row, name, number)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Code versions and cache keys
 
 
-_CONTRACT_MODULES = ("tasks.dataset", "tasks.stage")
+# The project's own packages: imports of these are followed, everything else is library code.
+PROJECT_PACKAGES = ("flows", "tasks", "model")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def code_version(*modules: ModuleType) -> str:
-    """Hash of the source of the given modules plus the contract modules: edit a stage, redo it."""
+def module_file(name: str, root: Path = PROJECT_ROOT) -> Path | None:
+    """The source file of project module ``name`` (``tasks.text`` -> tasks/text.py), None if none."""
+    if name.split(".")[0] not in PROJECT_PACKAGES:
+        return None
+    base = root.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_names(module: str, path: Path) -> set[str]:
+    """Modules named by every import in ``path`` (top level, inside functions, under TYPE_CHECKING)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)  # `from tasks import text`
+    return names
+
+
+def project_modules(*modules: str, root: Path = PROJECT_ROOT) -> list[str]:
+    """``modules`` and every project module they import, transitively, read from their source."""
+    seen: dict[str, Path] = {}
+    pending = list(modules)
+    while pending:
+        name = pending.pop()
+        path = module_file(name, root)
+        if path is None or name in seen:
+            continue
+        seen[name] = path
+        pending.extend(_imported_names(name, path))
+    return sorted(seen)
+
+
+def module_hashes(*modules: str, root: Path = PROJECT_ROOT) -> dict[str, str]:
+    """sha256 of the source of ``modules`` and of every project module they import."""
+    return {
+        name: hashlib.sha256(module_file(name, root).read_bytes()).hexdigest()  # type: ignore[union-attr]
+        for name in project_modules(*modules, root=root)
+    }
+
+
+def code_version(*modules: ModuleType | str) -> str:
+    """Hash of the source of ``modules`` and of every project module they import, transitively:
+    edit a stage or any helper it uses, and its work is redone."""
+    names = [m if isinstance(m, str) else m.__name__ for m in modules]
+    return code_version_of(module_hashes(*names))
+
+
+def code_version_of(hashes: dict[str, str]) -> str:
+    """The code version from per-module source hashes (as ``module_hashes`` returns them)."""
     digest = hashlib.sha256()
-    names = sorted({m.__name__ for m in modules} | set(_CONTRACT_MODULES))
-    for name in names:
-        module = sys.modules.get(name) or __import__(name, fromlist=["_"])
-        digest.update(name.encode())
-        digest.update(inspect.getsource(module).encode())
+    for name, sha in sorted(hashes.items()):
+        digest.update(f"{name}\0{sha}\0".encode())
     return digest.hexdigest()[:16]
 
 
@@ -194,6 +264,22 @@ def cache_key(stage: str, config: BaseModel | dict[str, Any], code: str, *inputs
         digest.update(part.encode())
         digest.update(b"\0")
     return f"{stage}-{digest.hexdigest()[:24]}"
+
+
+class CacheKey(BaseModel):
+    """What one unit of a stage's work depends on. The key is a hash of these; the done record keeps
+    them, so that a changed key can be explained (config, code module, input)."""
+
+    stage: str
+    step: Literal["run", "finalize"] = "run"
+    config: dict[str, Any]
+    modules: dict[str, str]  # project module -> sha256 of its source
+    inputs: list[str]  # what identifies the inputs (digests, fingerprints, an earlier key)
+
+    @property
+    def value(self) -> str:
+        name = self.stage if self.step == "run" else f"{self.stage}-finalize"
+        return cache_key(name, self.config, code_version_of(self.modules), *self.inputs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tasks import dataset as ds
 from tasks import stage as st
 from tasks import text as text_words
+from tasks.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -398,11 +399,11 @@ def train_tokenizer(
     body = tokenizer.to_str(pretty=True)
     digest = ds.sha256_bytes(body.encode("utf-8"))
     name = f"tokenizer-{digest[:16]}.json"
-    ds.atomic_write_text(output_dir / name, body)
+    atomic_write_text(output_dir / name, body)
     manifest = ds.Manifest(
         stage=STAGE,
         config=config.model_dump(mode="json"),
-        code_version=st.code_version(sys.modules[__name__], text_words),
+        code_version=st.code_version(sys.modules[__name__]),
         inputs=[ds.input_ref(d) for d in input_dirs],
         stats={
             "docs_in": meta.num_rows,

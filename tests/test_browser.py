@@ -154,9 +154,78 @@ def custom_run_then_mlflow(platform: local.Platform, page, workdir: Path) -> Non
         wait_until="domcontentloaded",
     )
     page.get_by_role("link", name=run_name).wait_for()
-    page.get_by_text(f"documents/{SNAPSHOT}").first.wait_for()
+    page.get_by_text(f"{SNAPSHOT}/dedup").first.wait_for()
     page.screenshot(path=SHOTS / "05-mlflow-runs.png")
     page.get_by_role("link", name=run_name).click()
     page.get_by_text(f"{SNAPSHOT}.dedup.kept").wait_for()
-    page.get_by_text(f"documents/{SNAPSHOT}").first.wait_for()
+    page.get_by_text(f"{SNAPSHOT}/dedup").first.wait_for()
     page.screenshot(path=SHOTS / "06-mlflow-run.png", full_page=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training run's page: what it was trained on, its checkpoints as models, its eval charts
+
+
+@pytest.fixture(scope="module")
+def trained_on_platform(platform: local.Platform, corpus: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A tiny pretrain flow run (2 CPU ranks, 20 steps, checkpoints at 10 and 20) against the
+    platform's Prefect and MLflow servers, on data packed and published as the data refresh does."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.pretrain import PretrainParams, pretrain
+    from tasks import dataset as ds
+    from tasks import pack
+    from tasks import tokenizer as tk
+    from tests.test_tokenizer import SMALL, build_lid_dataset
+
+    root = tmp_path_factory.mktemp("browser-train")
+    documents = build_lid_dataset(corpus, root / "documents", limit=300, shards=1)
+    tk.train_tokenizer([documents], root / "tokenizer", SMALL.model_copy(update={"sample_chars": 300_000}))
+    config = pack.PackConfig(seq_len=32, tokens_per_shard=33 * 200, validation_fraction=0.1)
+    pack.pack_datasets([documents], root / "tokenizer", root / "packed-build", config)
+    ds.publish_version(root / "packed-build", root / "packed")
+    params = PretrainParams(
+        run_name=f"browser-{secrets.token_hex(3)}",
+        data_dir=str(root / "packed"),
+        runs_root=str(root / "runs"),
+        train={"max_steps": 20, "micro_batch_size": 4, "log_interval": 2, "checkpoint_interval": 10},
+        eval={"max_tokens": 2000, "min_windows_per_slice": 1, "threads": 1},
+        checkpoint_poll_s=0.2,
+        launcher={"kind": "local", "device": "cpu", "nproc_per_node": 2},
+        retries=0,
+        mlflow_tracking_uri=platform.mlflow_url,
+    )
+    with temporary_settings({PREFECT_API_URL: platform.prefect_api_url}):
+        return params, pretrain(params)
+
+
+def test_the_training_run_page_shows_data_models_versions_and_eval_charts(trained_on_platform, page) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from tasks import dataset as ds
+    from tasks import run_tracking as rt
+
+    params, result = trained_on_platform
+    data = rt.TrainingData.of(result.data_dir)
+    final = MlflowClient(tracking_uri=params.mlflow_tracking_uri).get_model_version_by_alias(
+        params.run_name, "final"
+    )
+    assert result.mlflow_url.startswith(params.mlflow_tracking_uri)
+    page.goto(result.mlflow_url, wait_until="domcontentloaded")
+    # Overview: the dataset inputs with their digests (the tokenizer behind "+1"), the checkpoints'
+    # logged models, the registered model's version.
+    packed = page.get_by_text(f"packed ({data.packed_digest})").first
+    packed.wait_for()
+    packed.locator("xpath=ancestor::*[.//*[normalize-space()='+1']][1]").get_by_text(
+        "+1", exact=True
+    ).first.click()
+    page.get_by_text(f"tokenizer ({ds.mlflow_digest(data.tokenizer_dir)})").first.wait_for()
+    page.get_by_text("step-20", exact=True).first.wait_for()
+    page.get_by_role("link", name=params.run_name, exact=True).first.wait_for()
+    page.get_by_text(f"v{final.version}", exact=True).first.wait_for()
+    page.screenshot(path=SHOTS / "07-training-run.png", full_page=True)
+    # The eval charts, one point per evaluated checkpoint.
+    page.get_by_role("tab", name="Model metrics").first.click()
+    page.get_by_placeholder("Search metric charts").fill("val/bpb")  # charts off screen are not drawn
+    page.get_by_text(f"{params.run_name} (val/bpb)").first.wait_for()
+    page.screenshot(path=SHOTS / "08-training-run-charts.png", full_page=True)

@@ -75,3 +75,54 @@ def test_stage_ingest_reads_a_warc_file(tmp_path: Path) -> None:
     docs = _read(tmp_path / "docs.jsonl")
     assert 0 < len(docs) <= 25
     assert all(d["warc_record_id"] and d["source_file"] == str(warc) for d in docs)
+
+
+def test_stage_help_and_choices_come_from_the_registry(capsys) -> None:
+    import pytest
+
+    from tasks import registry
+
+    with pytest.raises(SystemExit) as exit_help:
+        main(["stage", "--help"])
+    assert exit_help.value.code == 0
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also at hyphens
+    for name in registry.file_stages():
+        assert "".join(f"{name}: {registry.stage(name).summary}".split()) in text
+    with pytest.raises(SystemExit) as unknown:
+        main(["stage", "nonsense", "--input", "a", "--output", "b"])
+    assert unknown.value.code == 2
+
+
+def test_stage_gives_rows_without_ids_the_doc_ids_dedup_gives(corpus: Path, tmp_path: Path) -> None:
+    rows = _lid_dev_slice(corpus, tmp_path / "with_ids.jsonl", 6)
+    plain = tmp_path / "docs.jsonl"
+    plain.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
+    assert main(["stage", "pii", "--input", str(plain), "--output", str(tmp_path / "pii.jsonl")]) == 0
+    assert (
+        main(["stage", "dedup", "--input", str(plain), "--output", str(tmp_path / "d.jsonl"), "--annotate"])
+        == 0
+    )
+    expected = [f"docs.jsonl:{n}" for n in range(1, len(rows) + 1)]
+    assert [d["doc_id"] for d in _read(tmp_path / "pii.jsonl")] == expected
+    assert [d["doc_id"] for d in _read(tmp_path / "d.jsonl")] == expected
+
+
+def test_bad_crawl_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
+    for command in ("data-refresh", "cache status"):
+        args = [*command.split(), "--crawl", str(tmp_path / "missing.warc.gz"), "--workdir", str(tmp_path)]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and "missing.warc.gz" in err, err
+
+
+def test_cache_status_of_a_fresh_workdir_redoes_ingest_first(tmp_path: Path, capsys) -> None:
+    from tasks import registry
+
+    warc = snapshot_files("CC-MAIN-2026-40", "wet")[0]
+    assert main(["cache", "status", "--crawl", str(warc), "--workdir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split()[1] for line in lines] == [s for s in registry.STAGES if s != "boilerplate"]
+    assert lines[0].split()[2] == "redo" and "not run yet" in lines[0]
+    assert all(line.split()[2] == "maybe" for line in lines[1:]), lines
+    assert main(["cache", "invalidate", "--stage", "quality", "--workdir", str(tmp_path)]) == 0
+    assert "quality, pii, boilerplate, dedup, tokenizer, pack" in capsys.readouterr().out

@@ -150,6 +150,17 @@ def test_bad_directories(data_dir: Path, tmp_path: Path) -> None:
         packed.PackedLoader(broken)
 
 
+def test_an_older_format_is_a_one_line_error(tmp_path: Path) -> None:
+    old = write_synthetic(tmp_path / "old")
+    info = json.loads((old / packed.PACKING_FILE).read_text())
+    (old / packed.PACKING_FILE).write_text(json.dumps({**info, "format_version": 1}))
+    with pytest.raises(
+        ValueError, match=r"packed in format 1, this code reads format 2: pack the data again"
+    ) as error:
+        packed.PackedLoader(old)
+    assert "\n" not in str(error.value)
+
+
 def test_killed_writer_leaves_no_partial_shard(tmp_path: Path) -> None:
     with (
         pytest.raises(RuntimeError),

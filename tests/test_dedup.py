@@ -405,3 +405,72 @@ def test_random_shingle_sets_similarity_matches_python_sets():
         common = len(set(a.tolist()) & set(b.tolist()))
         assert jaccard == pytest.approx(common / len(set(a.tolist()) | set(b.tolist())))
         assert containment == pytest.approx(common / 60)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pages sharing boilerplate (benchmarks/build_boilerplate_cases.py builds the full labelled set)
+
+
+def template_pages(crawl: Path) -> tuple[list[dict], str]:
+    """Django pages of one 2026-44 WARC (whole page and main text) up to the crawl's PostgreSQL
+    legal notice, and that notice's text (a real licence block)."""
+    path = snapshot_files("CC-MAIN-2026-44")[2]
+    pages = []
+    with open(path, "rb") as f:
+        for record in ArchiveIterator(f):
+            if record.rec_type != "response" or record.http_headers.get_statuscode() != "200":
+                continue
+            url = record.rec_headers.get_header("WARC-Target-URI")
+            if "legalnotice" not in url and "djangoproject" not in url:
+                continue
+            body = record.content_stream().read()
+            html = bytes_to_str(body, detect_encoding(body))
+            main = extract_plain_text(html, main_content=True).strip()
+            if "legalnotice" in url:
+                return pages, main
+            whole = extract_plain_text(html, main_content=False).strip()
+            pages.append({"url": url, "whole": whole, "main": main})
+    raise AssertionError(f"no legal notice in {path}")
+
+
+def test_pages_sharing_boilerplate_stay_apart_and_templated_copies_merge(tmp_path, crawl):
+    from benchmarks.build_boilerplate_cases import excerpt, template
+    from tasks.boilerplate import BoilerplateConfig, boilerplate_datasets
+
+    pages, licence = template_pages(crawl)
+    rows, seeds = [], {}
+    for i, page in enumerate(pages[:24]):
+        url = page["url"]
+        if i % 2:  # a short page followed by the licence: 12 distinct pages
+            rows.append(
+                {"doc_id": f"licence-{i}", "text": excerpt(page["main"], 40) + "\n" + licence, "url": url}
+            )
+        else:  # a page, and the same page with the site's header and footer
+            header, footer = template(page["whole"], page["main"])
+            rows.append({"doc_id": f"page-{i}", "text": page["main"], "url": url})
+            rows.append(
+                {"doc_id": f"templated-{i}", "text": f"{header}\n{page['main']}\n{footer}", "url": url}
+            )
+            seeds[f"templated-{i}"] = f"page-{i}"
+    dataset = write_dataset(tmp_path / "in", [rows])
+    annotate = DedupConfig(annotate=True)
+
+    def clusters(source: Path, out: str) -> dict[str, str]:
+        dedup_datasets([source], tmp_path / out, None, annotate, tmp_path / "w")
+        return {r["doc_id"]: r["dup_cluster"] for r in ds.iter_rows(tmp_path / out)}
+
+    # dedup alone: the licence makes distinct pages near duplicates (the failure being fixed)
+    alone = clusters(dataset, "alone")
+    licence_ids = [r["doc_id"] for r in rows if r["doc_id"].startswith("licence")]
+    assert len({alone[i] for i in licence_ids}) < len(licence_ids)
+
+    # boilerplate removal first (thresholds for a set of 36 documents of one host), then dedup
+    config = BoilerplateConfig(host_min_fraction=0.2, host_min_docs=8)
+    cleaned = boilerplate_datasets([dataset], tmp_path / "clean", None, config, tmp_path / "w")
+    removed = {k: v for k, v in cleaned.stats["extra"].items() if k.startswith("boilerplate_lines_")}
+    assert sum(removed.values()) >= 12 * licence.count("\n")  # at least the licence's lines
+    after = clusters(tmp_path / "clean", "after")
+    assert len({after[i] for i in licence_ids}) == len(licence_ids)
+    assert all(after[i] == i for i in licence_ids)  # merged with nothing
+    assert all(after[copy] == after[seed] for copy, seed in seeds.items())
+    assert len(set(after.values())) == len(licence_ids) + len(seeds)

@@ -109,6 +109,69 @@ def test_auth_requires_the_secrets_in_the_environment(
         local.up(tmp_path, auth=True, deploy=False, echo=lambda _: None)
 
 
+def test_mlflow_stores_are_options_and_hold_no_password(tmp_path: Path) -> None:
+    """`pretrain up --mlflow-backend-store/--mlflow-artifacts` serves another workdir's stores."""
+    stores = {
+        "mlflow_backend_store": f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}",
+        "mlflow_artifacts": "/w/art",
+    }
+    platform = local.Platform(
+        home=tmp_path, host="127.0.0.1", prefect_port=1, mlflow_port=2, auth=False, **stores
+    )
+    argv = local._service_specs(platform)["mlflow-server"][0]
+    assert argv[argv.index("--backend-store-uri") + 1] == stores["mlflow_backend_store"]
+    assert argv[argv.index("--artifacts-destination") + 1] == "/w/art"
+    default = local.Platform(home=tmp_path, host="127.0.0.1", prefect_port=1, mlflow_port=2, auth=False)
+    assert default.mlflow_stores == (
+        f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}",
+        str(tmp_path / "mlflow" / "artifacts"),
+    )
+    with pytest.raises(RuntimeError, match="password"):
+        local.up(
+            tmp_path, mlflow_backend_store="postgresql://u:pw@db/mlflow", deploy=False, echo=lambda _: None
+        )
+    assert local.serving(tmp_path) is None  # nothing runs: the pipeline uses its embedded stores
+
+
+@pytest.mark.slow
+def test_the_printed_serve_command_serves_the_runs_made_without_a_platform(tmp_path: Path) -> None:
+    """What `pretrain pipeline` prints when no platform runs: that command, then the run's page data."""
+    from mlflow.tracking import MlflowClient
+
+    from flows import cli
+    from model.tracking import find_or_create_run
+
+    (tmp_path / "workdir").mkdir()
+    uri = f"sqlite:///{tmp_path / 'workdir' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    _, run_id = find_or_create_run(client, "pretrain", "made-offline")
+    client.log_text(run_id, "# samples\n", "samples/step-1.md")
+    command = local.serve_command(uri)
+    assert command and command.startswith("pretrain up ")
+    args = cli.build_parser().parse_args(command.split()[1:])  # the line parses as it is printed
+    with local.running(
+        tmp_path / "home",
+        prefect_port=free_port(),
+        mlflow_port=free_port(),
+        mlflow_backend_store=args.mlflow_backend_store,
+        mlflow_artifacts=args.mlflow_artifacts,
+        deploy=False,
+        timeout=240,
+        echo=lambda _: None,
+    ) as platform:
+        got = httpx.get(
+            f"{platform.mlflow_url}/api/2.0/mlflow/runs/get", params={"run_id": run_id}, timeout=30
+        )
+        assert got.json()["run"]["info"]["run_name"] == "made-offline"
+        artifact = httpx.get(
+            f"{platform.mlflow_url}/get-artifact",
+            params={"path": "samples/step-1.md", "run_uuid": run_id},
+            timeout=30,
+        )
+        assert artifact.text == "# samples\n"
+    assert local.serve_command("http://mlflow:5000") is None
+
+
 # A flow run through the authenticated Prefect API that logs to the authenticated MLflow server.
 AUTH_PROBE = textwrap.dedent(
     """

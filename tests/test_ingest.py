@@ -567,27 +567,112 @@ def test_uncompressed_warc_with_a_short_content_length_resyncs(tmp_path, warc_by
 # Finding crawl files; the dataset a flow finalizes
 
 
-def test_list_crawl_files(crawl):
+def _local(*snapshots_and_kinds: tuple[str, str]) -> list[str]:
+    return [str(p) for snapshot, kind in snapshots_and_kinds for p in snapshot_files(snapshot, kind)]
+
+
+def test_resolve_crawl_root(crawl):
     root = str(crawl)
-    assert ingest.list_crawl_files(root, "CC-MAIN-2026-40", kinds=("warc",)) == [
-        str(p) for p in snapshot_files("CC-MAIN-2026-40", "warc")
-    ]
-    both = ingest.list_crawl_files(root, "CC-MAIN-2026-40")
-    assert both == [
-        str(p) for p in snapshot_files("CC-MAIN-2026-40", "warc") + snapshot_files("CC-MAIN-2026-40", "wet")
-    ]
-    everything = ingest.list_crawl_files(root)
-    assert len(everything) == 7 + 3 and everything[:7] == both
+    assert ingest.resolve_crawl(root, ["CC-MAIN-2026-40"], ["warc"], None) == {
+        "CC-MAIN-2026-40": _local(("CC-MAIN-2026-40", "warc"))
+    }
+    everything = ingest.resolve_crawl(root, [], ["warc", "wet"], None)
+    assert everything == {
+        "CC-MAIN-2026-40": _local(("CC-MAIN-2026-40", "warc"), ("CC-MAIN-2026-40", "wet")),
+        "CC-MAIN-2026-44": _local(("CC-MAIN-2026-44", "warc")),
+    }
+    assert sum(map(len, everything.values())) == 7 + 3
+    # Snapshots in the order given (oldest first is the caller's call); max_files per snapshot.
+    picked = ingest.resolve_crawl(root + "/", ["CC-MAIN-2026-44", "CC-MAIN-2026-40"], ["warc", "wet"], 2)
+    assert list(picked) == ["CC-MAIN-2026-44", "CC-MAIN-2026-40"]
+    assert (
+        picked["CC-MAIN-2026-40"] == everything["CC-MAIN-2026-40"][:2] and len(picked["CC-MAIN-2026-44"]) == 2
+    )
+    # A snapshot without files of the kinds asked for is left out, unless it was asked for.
+    assert list(ingest.resolve_crawl(root, [], ["wet"], None)) == ["CC-MAIN-2026-40"]
+    with pytest.raises(ingest.CrawlInputError, match="no wet files of snapshot CC-MAIN-2026-44"):
+        ingest.resolve_crawl(root, ["CC-MAIN-2026-44"], ["wet"], None)
+    with pytest.raises(ingest.CrawlInputError, match="snapshot CC-MAIN-1999-01"):
+        ingest.resolve_crawl(root, ["CC-MAIN-1999-01"], ["warc", "wet"], None)
+
+
+def test_resolve_crawl_listing_glob_and_file(crawl):
+    root = str(crawl)
     listing = f"{root}/crawl-data/{SNAPSHOT}/warc.paths.gz"
-    assert ingest.list_crawl_files(listing) == [str(p) for p in snapshot_files(SNAPSHOT)]
-    glob = ingest.list_crawl_files(f"{root}/crawl-data/*/segments/*/wet/*.warc.wet.gz")
-    assert glob == sorted(str(p) for p in snapshot_files("CC-MAIN-2026-40", "wet"))
-    single = str(snapshot_files(SNAPSHOT)[0])
-    assert ingest.list_crawl_files(single) == [single]
-    with pytest.raises(FileNotFoundError):
-        ingest.list_crawl_files(root, "CC-MAIN-1999-01")
-    with pytest.raises(FileNotFoundError):
-        ingest.list_crawl_files(f"{root}/nothing-*.warc.gz")
+    assert ingest.resolve_crawl(listing, [], ["warc", "wet"], None) == {SNAPSHOT: _local((SNAPSHOT, "warc"))}
+    assert ingest.resolve_crawl(listing, [], ["warc"], 1) == {SNAPSHOT: _local((SNAPSHOT, "warc"))[:1]}
+
+    every_file = f"{root}/crawl-data/*/segments/*/*/*.gz"
+    assert ingest.resolve_crawl(every_file, [], ["warc", "wet"], None) == {
+        "CC-MAIN-2026-40": sorted(_local(("CC-MAIN-2026-40", "warc"), ("CC-MAIN-2026-40", "wet"))),
+        "CC-MAIN-2026-44": sorted(_local(("CC-MAIN-2026-44", "warc"))),
+    }
+    assert ingest.resolve_crawl(every_file, ["CC-MAIN-2026-40"], ["wet"], None) == {
+        "CC-MAIN-2026-40": sorted(_local(("CC-MAIN-2026-40", "wet")))
+    }
+
+    single = _local((SNAPSHOT, "warc"))[0]
+    assert ingest.resolve_crawl(single, [], ["warc", "wet"], None) == {SNAPSHOT: [single]}
+    with pytest.raises(ingest.CrawlInputError, match="no wet crawl files found"):
+        ingest.resolve_crawl(single, [], ["wet"], None)
+
+
+def test_resolve_crawl_files_outside_a_crawl_layout(crawl, tmp_path):
+    # Copies under names that carry no snapshot: one snapshot, UNNAMED_SNAPSHOT, whatever the form.
+    sources = _local((SNAPSHOT, "warc"))[:2]
+    for i, source in enumerate(sources):
+        (tmp_path / f"pages-{i}.warc.gz").write_bytes(Path(source).read_bytes())
+    (tmp_path / "notes.txt").write_text("not a crawl file\n")
+    copies = [str(tmp_path / "pages-0.warc.gz"), str(tmp_path / "pages-1.warc.gz")]
+    assert ingest.resolve_crawl(copies[0], [], ["warc", "wet"], None) == {ingest.UNNAMED_SNAPSHOT: copies[:1]}
+    assert ingest.resolve_crawl(f"{tmp_path}/*", [], ["warc", "wet"], None) == {
+        ingest.UNNAMED_SNAPSHOT: copies
+    }
+    # A snapshot directory without crawl-data/ above it still names its snapshot.
+    (tmp_path / "CC-MAIN-2026-52").mkdir()
+    (tmp_path / "CC-MAIN-2026-52" / "x.warc.gz").write_bytes(Path(sources[0]).read_bytes())
+    assert ingest.resolve_crawl(f"{tmp_path}/*/*.warc.gz", [], ["warc"], None) == {
+        "CC-MAIN-2026-52": [str(tmp_path / "CC-MAIN-2026-52" / "x.warc.gz")]
+    }
+
+
+@pytest.mark.parametrize(
+    ("crawl", "message"),
+    [
+        ("{tmp}/missing", r"^crawl .*/missing does not exist$"),
+        ("{tmp}/missing.warc.gz", r"^crawl file .*/missing\.warc\.gz does not exist$"),
+        ("{tmp}/crawl-data/X/warc.paths.gz", r"^crawl listing .* does not exist$"),
+        ("{tmp}/nothing-*.warc.gz", r"^no crawl files \(.*\) match .*nothing-\*\.warc\.gz$"),
+        (
+            "{tmp}",
+            r"^.* is not a crawl root \(no crawl-data/.*a \*\.paths\.gz listing, a glob or a crawl file",
+        ),
+        ("{tmp}/notes.txt", r"is not a crawl root"),
+        ("{tmp}/bad.paths.gz", r"^cannot read crawl .*bad\.paths\.gz: BadGzipFile: "),
+    ],
+)
+def test_resolve_crawl_errors_in_one_line(tmp_path, crawl, message):
+    (tmp_path / "notes.txt").write_text("hello\n")
+    (tmp_path / "bad.paths.gz").write_bytes(b"not gzip")
+    with pytest.raises(ingest.CrawlInputError, match=message) as error:
+        ingest.resolve_crawl(crawl.format(tmp=tmp_path), [], ["warc", "wet"], None)
+    assert "\n" not in str(error.value)
+
+
+def test_resolve_crawl_unreachable_url_in_one_line():
+    with pytest.raises(
+        ingest.CrawlInputError, match=r"^cannot read crawl http://127\.0\.0\.1:9/a\.warc\.gz: "
+    ):
+        ingest.resolve_crawl(f"http://127.0.0.1:{9}/a.warc.gz", [], ["warc"], None)
+
+
+def test_snapshot_of():
+    assert ingest.snapshot_of("s3://commoncrawl/crawl-data/CC-MAIN-2024-10/segments/1/warc/a.warc.gz") == (
+        "CC-MAIN-2024-10"
+    )
+    assert ingest.snapshot_of("crawl-data/my-crawl/warc.paths.gz") == "my-crawl"
+    assert ingest.snapshot_of("/mirror/CC-MAIN-2024-10/a.warc.gz") == "CC-MAIN-2024-10"
+    assert ingest.snapshot_of("/data/CC-MAIN-20261026024137-20261026054137-00000.warc.gz") is None
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -603,7 +688,7 @@ def test_http_url_is_streamed(tmp_path, warc_bytes, head_slice):
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_port}/slice.warc.gz"
-        assert ingest.list_crawl_files(url) == [url]
+        assert ingest.resolve_crawl(url, [], ["warc"], None) == {ingest.UNNAMED_SNAPSHOT: [url]}
         stats = st.StageStats(ingest.STAGE)
         remote = list(ingest.iter_documents(url, ingest.IngestConfig(), stats, snapshot=SNAPSHOT))
     finally:
@@ -621,13 +706,22 @@ def test_crawl_root_over_http(crawl):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         root = f"http://127.0.0.1:{server.server_port}"
-        urls = ingest.list_crawl_files(root, "CC-MAIN-2026-40", kinds=("wet",))
-        everything = ingest.list_crawl_files(root)  # http.server lists directories, fsspec reads that
+        urls = ingest.resolve_crawl(root, ["CC-MAIN-2026-40"], ["wet"], None)["CC-MAIN-2026-40"]
+        everything = ingest.resolve_crawl(root, [], ["warc", "wet"], None)  # http.server lists directories
+        listing = ingest.resolve_crawl(f"{root}/crawl-data/CC-MAIN-2026-40/wet.paths.gz", [], ["wet"], None)
+        with pytest.raises(ingest.CrawlInputError, match="no warc/wet files of snapshot CC-MAIN-1999-01"):
+            ingest.resolve_crawl(root, ["CC-MAIN-1999-01"], ["warc", "wet"], None)
+        with pytest.raises(
+            ingest.CrawlInputError, match=r"^crawl file http.*/missing\.warc\.gz does not exist$"
+        ):
+            ingest.resolve_crawl(f"{root}/missing.warc.gz", [], ["warc"], None)
     finally:
         server.shutdown()
     local = snapshot_files("CC-MAIN-2026-40", "wet")
     assert urls == [f"{root}/{p.relative_to(crawl)}" for p in local]
-    assert len(everything) == 10 and set(urls) < set(everything)
+    assert listing == {"CC-MAIN-2026-40": urls}
+    assert list(everything) == ["CC-MAIN-2026-40", "CC-MAIN-2026-44"]
+    assert sum(map(len, everything.values())) == 10 and set(urls) < set(everything["CC-MAIN-2026-40"])
 
 
 def test_finalized_dataset(tmp_path, warc_bytes, head_slice):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from model import data as packed
 from tasks import dataset as ds
 from tasks import pack
 from tasks import tokenizer as tk
+from tasks.dedup import DedupConfig, dedup_datasets
 from tests.test_tokenizer import SMALL, build_lid_dataset
 
 CONFIG = pack.PackConfig(seq_len=64, tokens_per_shard=65 * 500, validation_fraction=0.05)
@@ -129,16 +132,14 @@ def test_validation_documents_never_appear_in_train(packed_dir: Path, pack_input
     assert placed["train"] and placed["validation"]
     assert not placed["train"] & placed["validation"]
     assert all(split_of[d] == "validation" for d in placed["validation"])
-    # Every slice (language/source) with more than one document is represented in validation.
-    meta = tk.read_document_meta([pack_input])
-    sizes: dict[str, int] = {}
-    for lang, source in zip(meta.column("lang").to_pylist(), meta.column("source").to_pylist(), strict=True):
-        sizes[f"{lang}/{source}"] = sizes.get(f"{lang}/{source}", 0) + 1
-    slices = packed.read_packing_info(packed_dir)["splits"]["validation"]["slices"]
-    assert {s for s, n in sizes.items() if n > 1} == set(slices)
+    # Membership is the hash threshold of the unit (the doc id: this input has no dup_cluster).
+    held_out = pack.validation_mask(ids, CONFIG.validation_fraction, CONFIG.seed)
+    assert [split_of[d] == "validation" for d in ids] == held_out.tolist()
+    assert documents.column("dup_cluster").to_pylist() == ids
     # Validation is grouped by slice: each slice is one contiguous range of the stream.
+    slices = packed.read_packing_info(packed_dir)["splits"]["validation"]["slices"]
     ranges = sorted((v["token_start"], v["token_end"]) for v in slices.values())
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    assert ranges[0][0] == 0 and all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
 
 
 def test_accounting_and_manifest(packed_dir: Path, pack_input: Path, tok_dir: Path) -> None:
@@ -177,8 +178,12 @@ def test_mixture_weights(pack_input: Path, tok_dir: Path, packed_dir: Path, tmp_
     ru_train = [d for d in by_lang["ru"] if d["split"] == "train"]
     assert train_slices["ru"]["docs"] == 2 * len(ru_train)
     assert train_slices["ru"]["tokens"] == 2 * sum(d["tokens"] + 1 for d in ru_train)
-    # Validation keeps the natural distribution: round(0.05 x n) de documents, once each.
-    assert de_validation == max(1, int(0.05 * langs.count("de") + 0.5))
+    # Validation keeps the natural distribution: every held-out de document, once.
+    tail = {r["doc_id"] for r in ds.iter_rows(tmp_path / "rejects") if r["rule"] == "packing_tail"}
+    meta = tk.read_document_meta([pack_input])
+    de_ids = [d for d, lang in zip(meta.column("doc_id").to_pylist(), langs, strict=True) if lang == "de"]
+    de_held_out = pack.validation_mask(de_ids, config.validation_fraction, config.seed)
+    assert de_validation == len({d for d, v in zip(de_ids, de_held_out, strict=True) if v} - tail) > 0
 
 
 def test_trace_returns_the_documents_of_a_sequence(
@@ -225,6 +230,10 @@ def test_loader_reads_the_packed_output(packed_dir: Path) -> None:
 def test_trace_validation_split_and_errors(packed_dir: Path, tmp_path: Path) -> None:
     entries = pack.trace(packed_dir, 0, 0, split="validation")
     assert entries[0]["char_start"] == 0 and entries[0]["doc_token_start"] == 0
+    # A published root traces its LATEST version.
+    shutil.copytree(packed_dir, tmp_path / "built")
+    ds.publish_version(tmp_path / "built", tmp_path / "packed")
+    assert pack.trace(tmp_path / "packed", 0, 0, split="validation") == entries
     with pytest.raises(IndexError):
         pack.trace(packed_dir, 0, 10**6)
     with pytest.raises(IndexError):
@@ -259,9 +268,7 @@ def test_null_and_empty_texts_are_accounted_for(tok_dir: Path, tmp_path: Path) -
     # Written by something other than ShardWriter: the contract says text is never null, input may not.
     shard = ds.write_table(pa.Table.from_pylist(rows), source / "part-00000.parquet")
     ds.write_manifest(source, ds.Manifest(stage="fixture", shards=[shard]))
-    config = CONFIG.model_copy(
-        update={"seq_len": 2, "validation_fraction": 0.0, "validation_min_docs_per_slice": 0}
-    )
+    config = CONFIG.model_copy(update={"seq_len": 2, "validation_fraction": 0.0})
     manifest = pack.pack_datasets([source], tok_dir, tmp_path / "out", config)
     assert manifest.stats["quarantined"] == {"null_text": 1}
     assert manifest.stats["dropped"] == {"no_tokens": 1}
@@ -271,3 +278,130 @@ def test_null_and_empty_texts_are_accounted_for(tok_dir: Path, tmp_path: Path) -
     entries = pack.trace(tmp_path / "out", 0, 0)
     assert [e["doc_id"] for e in entries] == ["a"]
     assert entries[0]["text"] == "hello world, hello pack"[: entries[0]["char_end"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The validation split: stable, the configured share, whole clusters; what evaluation reads
+
+
+def write_documents(target: Path, rows: list[dict]) -> Path:
+    shard = ds.write_table(pa.Table.from_pylist(rows), target / "part-00000.parquet")
+    ds.write_manifest(target, ds.Manifest(stage="fixture", shards=[shard]))
+    return target
+
+
+def zipf_rows(docs: int, hosts: int = 500, seed: int = 0) -> list[dict]:
+    """Short English pages over ``hosts`` hosts with Zipf-like sizes: a few big hosts, a long tail."""
+    weights = 1.0 / np.arange(1, hosts + 1) ** 1.3
+    host = np.random.default_rng(seed).choice(hosts, size=docs, p=weights / weights.sum())
+    return [
+        {
+            "doc_id": f"d{i:06d}",
+            "text": f"page {i} of host {h}",
+            "url": f"https://h{h}.example/{i}",
+            "lang": "en",
+        }
+        for i, h in enumerate(host.tolist())
+    ]
+
+
+def splits_of(packed_dir: Path) -> dict[str, str]:
+    documents = pq.read_table(packed_dir / packed.DOCUMENTS_FILE, columns=["doc_id", "split"])
+    return dict(zip(*(documents.column(c).to_pylist() for c in ("doc_id", "split")), strict=True))
+
+
+def test_held_out_share_is_the_fraction_on_a_long_tailed_host_distribution(
+    tok_dir: Path, tmp_path: Path
+) -> None:
+    docs, fraction = 20_000, 0.02
+    rows = zipf_rows(docs)
+    sizes = np.bincount([int(r["url"].split("/")[2][1:].split(".")[0]) for r in rows])
+    # Long-tailed: over 100 hosts of 1-2 pages (where at least one page a host would hold out 3.6%).
+    assert (sizes <= 2).sum() > 100 and sizes.max() > 1000
+    config = CONFIG.model_copy(update={"seq_len": 8, "validation_fraction": fraction})
+    pack.pack_datasets([write_documents(tmp_path / "in", rows)], tok_dir, tmp_path / "out", config)
+    splits = splits_of(tmp_path / "out")
+    assert len(splits) >= docs - 2  # at most the documents of one partial window are cut
+    held_out = sum(split == "validation" for split in splits.values())
+    sigma = (docs * fraction * (1 - fraction)) ** 0.5
+    assert abs(held_out - docs * fraction) <= 3 * sigma, (held_out, docs * fraction, sigma)
+
+
+def test_validation_documents_stay_in_validation_when_documents_are_added(
+    tok_dir: Path, tmp_path: Path
+) -> None:
+    rows = zipf_rows(2_200, hosts=200)
+    config = CONFIG.model_copy(update={"seq_len": 8, "validation_fraction": 0.1})
+    pack.pack_datasets([write_documents(tmp_path / "a", rows[:2_000])], tok_dir, tmp_path / "pa", config)
+    pack.pack_datasets([write_documents(tmp_path / "b", rows)], tok_dir, tmp_path / "pb", config)
+    before, after = splits_of(tmp_path / "pa"), splits_of(tmp_path / "pb")
+    both = before.keys() & after.keys()
+    assert len(both) >= 1_990 and sum(before[d] == "validation" for d in both) > 150
+    assert [d for d in both if before[d] != after[d]] == []  # no document moved, either way
+
+
+def neardup_documents(corpus: Path, target: Path, clusters: int) -> Path:
+    """The documents of the first ``clusters`` labelled near-duplicate clusters of 3+ documents."""
+    meta = json.loads((corpus / "neardup-dev.meta.json").read_text(encoding="utf-8"))
+    members: dict[str, list[str]] = {}
+    for doc_id, doc in sorted(meta["documents"].items()):
+        members.setdefault(doc["cluster"], []).append(doc_id)
+    chosen = {
+        d for ids in [ids for _, ids in sorted(members.items()) if len(ids) >= 3][:clusters] for d in ids
+    }
+    with open(corpus / "neardup-dev.jsonl", encoding="utf-8") as f:
+        rows = [
+            {
+                "doc_id": d["id"],
+                "text": d["text"],
+                "url": f"https://{meta['documents'][d['id']]['source']}.example/{d['id']}",
+            }
+            for d in map(json.loads, f)
+            if d["id"] in chosen
+        ]
+    return write_documents(target, rows)
+
+
+def test_a_near_duplicate_cluster_never_straddles_train_and_validation(
+    corpus: Path, tok_dir: Path, tmp_path: Path
+) -> None:
+    docs = neardup_documents(corpus, tmp_path / "docs", clusters=60)
+    config = CONFIG.model_copy(update={"seq_len": 16, "validation_fraction": 0.5})
+    for mode in ("annotate", "drop"):
+        dedup = DedupConfig(annotate=mode == "annotate")
+        dedup_datasets([docs], tmp_path / mode, None, dedup, tmp_path / f"work-{mode}")
+        pack.pack_datasets([tmp_path / mode], tok_dir, tmp_path / f"packed-{mode}", config)
+    documents = pq.read_table(tmp_path / "packed-annotate" / packed.DOCUMENTS_FILE).to_pylist()
+    sides: dict[str, set[str]] = {}
+    for doc in documents:
+        sides.setdefault(doc["dup_cluster"], set()).add(doc["split"])
+    sizes = collections.Counter(doc["dup_cluster"] for doc in documents)
+    multi = [c for c, n in sizes.items() if n > 1]
+    assert len(multi) >= 30  # dedup found the clusters
+    assert {s for c in multi for s in sides[c]} == {"train", "validation"}
+    assert [c for c, s in sides.items() if len(s) > 1] == []
+    # Splitting by doc id instead would have cut clusters: the test can tell.
+    by_doc = pack.validation_mask([d["doc_id"] for d in documents], 0.5, config.seed)
+    doc_sides: dict[str, set[bool]] = {}
+    for doc, held_out in zip(documents, by_doc.tolist(), strict=True):
+        doc_sides.setdefault(doc["dup_cluster"], set()).add(held_out)
+    assert any(len(s) > 1 for s in doc_sides.values())
+    # Drop mode keeps each cluster's survivor, named as annotate mode names the cluster: same side.
+    survivors = splits_of(tmp_path / "packed-drop")
+    assert set(survivors) <= set(sizes) and len(survivors) >= len(sizes) - 2  # (the packing tail)
+    assert all(survivors[c] == next(iter(sides[c])) for c in survivors)
+
+
+def test_slicing_never_changes_the_split(tok_dir: Path, tmp_path: Path) -> None:
+    # Slices lay out the validation stream, and evals take a minimum per slice: neither decides who is in it.
+    source = write_documents(tmp_path / "in", zipf_rows(3_000, hosts=100))
+    base = CONFIG.model_copy(update={"seq_len": 8, "validation_fraction": 0.1})
+    splits = []
+    for slice_by in (["lang", "source"], ["source"], []):
+        out = tmp_path / "-".join(slice_by or ["none"])
+        pack.pack_datasets([source], tok_dir, out, base.model_copy(update={"slice_by": slice_by}))
+        splits.append(splits_of(out))
+        names = set(packed.read_packing_info(out)["splits"]["validation"]["slices"])
+        assert len(names) > 10 if slice_by else names == {"all"}
+    assert splits[0] == splits[1] == splits[2]
+    assert sum(s == "validation" for s in splits[0].values()) > 200

@@ -1,11 +1,13 @@
-"""The pretrain and evaluate flows with the real trainer: 2 CPU ranks (gloo) on a tiny model over data
-packed from the corpus, through Prefect's test harness."""
+"""The pretrain flow with the real trainer: 2 CPU ranks (gloo) on a tiny model over data packed from
+the corpus, through Prefect's test harness: resume after a dead rank, evals of every checkpoint, and
+the training run in MLflow (data lineage, config, code, logged models, registered versions)."""
 
 from __future__ import annotations
 
 import json
-import math
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,28 +15,32 @@ import threading
 import time
 from pathlib import Path
 
-import mlflow
-import numpy as np
 import psutil
 import pytest
-import torch
+from mlflow.entities import DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL
 
-from flows.evaluate import EvaluateParams, evaluate
-from flows.pretrain import ModelPreset, PretrainParams, pretrain
-from model import data as packed
-from model.config import load_config
+from flows.pretrain import PretrainParams, logged_params, pinned_data_dir, pretrain
+from model.config import TrainConfig, TrainSettings, load_config
 from model.model import PRESETS
-from tasks import evaluate as ev
+from model.run_dir import RunDir
+from model.tracking import find_or_create_run
+from tasks import dataset as ds
 from tasks import pack
+from tasks import run_tracking as rt
 from tasks import tokenizer as tk
-from tasks import train as tr
+from tasks.launchers import LocalLauncher
+from tasks.prefect_artifacts import artifact_key
+from tasks.tracking import dataset_input
 from tests.test_tokenizer import SMALL, build_lid_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-CPU2 = tr.LocalLauncher(nproc_per_node=2, device="cpu", stop_grace_s=20)
+CPU2 = LocalLauncher(nproc_per_node=2, device="cpu", stop_grace_s=20)
+# Planted in the environment of the training run: no logged value may contain them.
+SECRETS = {"MLFLOW_TRACKING_PASSWORD": "hunter2-mlflow-secret", "AWS_SECRET_ACCESS_KEY": "aws-secret-9f8e7d"}
 
 
 @pytest.fixture(scope="module")
@@ -45,34 +51,47 @@ def prefect_api(prefect_harness):
 
 @pytest.fixture(scope="module")
 def packed_dir(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """300 lid-dev documents, a 512-token BPE, windows of 33 tokens, 10% held out per slice."""
+    """300 lid-dev documents, a 512-token BPE, windows of 33 tokens, 10% held out per slice; the
+    packed data published as a version under ``packed/`` (its LATEST), as the data refresh does."""
     root = tmp_path_factory.mktemp("pretrain-data")
     documents = build_lid_dataset(corpus, root / "documents", limit=300, shards=1)
     tk.train_tokenizer([documents], root / "tokenizer", SMALL.model_copy(update={"sample_chars": 300_000}))
     config = pack.PackConfig(seq_len=32, tokens_per_shard=33 * 200, validation_fraction=0.1)
-    pack.pack_datasets([documents], root / "tokenizer", root / "packed", config)
+    pack.pack_datasets([documents], root / "tokenizer", root / "packed-build", config)
+    ds.publish_version(root / "packed-build", root / "packed")
     return root / "packed"
 
 
-def small_run(packed_dir: Path, root: Path, name: str, **overrides) -> PretrainParams:
-    fields = dict(
-        run_name=name,
-        data_dir=str(packed_dir),
-        runs_root=str(root / "runs"),
+def small_run(packed_dir: Path, root: Path, name: str, **train) -> PretrainParams:
+    settings = dict(
         max_steps=40,
         micro_batch_size=4,
         log_interval=2,
-        eval_interval=10,
+        checkpoint_interval=10,
         keep_checkpoints=10,
-        eval_max_sequences_per_slice=2,
-        eval_threads=1,
-        checkpoint_poll_s=0.2,
         optim={"warmup_steps": 2},
+    )
+    return PretrainParams(
+        run_name=name,
+        data_dir=str(packed_dir),
+        runs_root=str(root / "runs"),
+        train={**settings, **train},
+        eval={"max_tokens": 2000, "min_windows_per_slice": 1, "threads": 1},
+        checkpoint_poll_s=0.2,
         launcher=CPU2,
         retries=1,
         mlflow_tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+        mlflow_system_metrics_s=0.5,  # an attempt lasts seconds: sample often enough to see it
     )
-    return PretrainParams(**{**fields, **overrides})
+
+
+def log_data_refresh_run(uri: str, packed_dir: Path) -> str:
+    """A data-refresh run that logged this packed data as an output, as flows/data_refresh.py does."""
+    client = MlflowClient(tracking_uri=uri)
+    _, run_id = find_or_create_run(client, rt.DATA_REFRESH_EXPERIMENT, "refresh")
+    packed = dataset_input(ds.resolve_version(packed_dir), "packed")._to_mlflow_entity()
+    client.log_inputs(run_id, datasets=[DatasetInput(packed, [InputTag(MLFLOW_DATASET_CONTEXT, "output")])])
+    return run_id
 
 
 def is_rank(cmdline: list[str]) -> bool:
@@ -110,19 +129,23 @@ def kill_a_rank_after(checkpoint: Path, config_path: Path, killed: list[str]) ->
 def pretrained(packed_dir: Path, tmp_path_factory: pytest.TempPathFactory, prefect_api):
     root = tmp_path_factory.mktemp("pretrain")
     params = small_run(packed_dir, root, "tiny-cpu")
-    run_dir = tr.run_dir_for(params.runs_root, params.run_name)
+    refresh_run = log_data_refresh_run(params.mlflow_tracking_uri, packed_dir)
+    run_dir = RunDir.of(params.runs_root, params.run_name)
     killed: list[str] = []
-    watcher = kill_a_rank_after(run_dir / "checkpoints" / "step-10", run_dir / "run.json", killed)
-    result = pretrain(params)
+    watcher = kill_a_rank_after(run_dir.checkpoint_dir / "step-10", run_dir.config_path, killed)
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in SECRETS.items():
+            env.setenv(name, value)
+        result = pretrain(params)
     watcher.join(5)
-    return params, result, killed
+    return params, result, killed, refresh_run
 
 
 @pytest.mark.slow
 def test_a_rank_dies_and_the_retry_resumes_from_the_last_checkpoint(pretrained):
-    params, result, killed = pretrained
+    params, result, killed, _ = pretrained
     assert killed, "the run ended before a rank could be killed"
-    log = (Path(params.runs_root) / params.run_name / "train.log").read_text()
+    log = RunDir.of(params.runs_root, params.run_name).log_path.read_text()
     events = [json.loads(line[6:]) for line in log.splitlines() if line.startswith("EVENT ")]
     starts = [e for e in events if e["event"] in ("start", "resumed")]
     assert [e["event"] for e in starts] == ["start", "resumed"]
@@ -134,108 +157,204 @@ def test_a_rank_dies_and_the_retry_resumes_from_the_last_checkpoint(pretrained):
 
 
 @pytest.mark.slow
-def test_every_new_checkpoint_is_evaluated_per_slice(pretrained, packed_dir):
-    _, result, _ = pretrained
+def test_every_new_checkpoint_is_evaluated_into_the_training_run(pretrained):
+    params, result, _, _ = pretrained
     steps = [e.step for e in result.evals]
     assert steps == sorted(set(steps)) and steps[-1] == 40 and len(steps) >= 2, steps
-    info = packed.read_packing_info(packed_dir)
-    slice_names = set(info["splits"]["validation"]["slices"])
-    final = result.evals[-1]
-    assert set(final.slices) <= slice_names and len(final.slices) >= 10
-    assert all("/" in name for name in final.slices)  # lang/source
-    for m in final.slices.values():
-        assert math.isclose(m.perplexity, math.exp(m.loss)) and m.tokens > 0
-    # A barely trained model: a bit better than uniform over the 512-token vocabulary, not absurd.
-    assert 3.0 < final.loss < math.log(512) + 0.5
+    client = MlflowClient(tracking_uri=params.mlflow_tracking_uri)
+    history = client.get_metric_history(result.mlflow_run_id, "val/bpb")
+    assert [m.step for m in history] == steps  # one point per eval, none doubled by the model links
+    assert [m.value for m in history] == [e.metrics["val/bpb"] for e in result.evals]
+    assert client.get_metric_history(result.mlflow_run_id, "loss")  # the trainer's own, same run
 
 
 @pytest.mark.slow
-def test_progress_link_and_mlflow_run(pretrained):
-    params, result, _ = pretrained
+def test_the_run_pins_its_data_version(pretrained, packed_dir):
+    params, result, _, _ = pretrained
+    version = ds.resolve_version(packed_dir)
+    assert version.parent.name == "versions" and Path(result.data_dir) == version
+    assert load_config(RunDir.of(params.runs_root, params.run_name).config_path).data_dir == version
+    run = MlflowClient(tracking_uri=params.mlflow_tracking_uri).get_run(result.mlflow_run_id)
+    assert run.data.tags[rt.TAG_DATA_VERSION] == version.name
+
+
+def test_a_resumed_run_keeps_its_data_version_when_latest_moves(packed_dir, tmp_path):
+    root = tmp_path / "packed"
+    first = ds.publish_version(_copy_dataset(ds.resolve_version(packed_dir), tmp_path / "a"), root)
+    run = RunDir.of(tmp_path / "runs", "pinned")
+    log = logging.getLogger("test")
+    assert pinned_data_dir(run, root, log) == first  # first start: LATEST
+    run.root.mkdir(parents=True)
+    run.config_path.write_text(
+        TrainConfig(data_dir=first, checkpoint_dir=run.checkpoint_dir).model_dump_json()
+    )
+    changed = _copy_dataset(first, tmp_path / "b")
+    manifest = json.loads((changed / ds.MANIFEST).read_text())
+    manifest["config"]["note"] = "another refresh"
+    (changed / ds.MANIFEST).write_text(json.dumps(manifest))
+    second = ds.publish_version(changed, root)
+    assert second != first and ds.resolve_version(root) == second
+    assert pinned_data_dir(run, root, log) == first  # resumed: the version it started on
+
+
+def _copy_dataset(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.slow
+def test_progress_and_link_artifacts(pretrained):
+    params, result, _, _ = pretrained
     with get_client(sync_client=True) as client:
         artifacts = {a.key: a for a in client.read_latest_artifacts()}
-    progress = artifacts[tr.artifact_key(params.run_name)]
+    progress = artifacts[artifact_key("train", params.run_name)]
     assert progress.type == "progress" and float(progress.data) == 100.0
     assert progress.description.startswith("step 40/40, loss ")
-    link = artifacts[tr.artifact_key(params.run_name) + "-mlflow"]
+    link = artifacts[artifact_key("train", params.run_name, "mlflow")]
     assert link.type == "markdown" and result.mlflow_url in link.data
     assert result.mlflow_url.endswith(f"/runs/{result.mlflow_run_id}")
-    assert artifacts[f"eval-{params.run_name}"].type == "table"
 
+
+@pytest.mark.slow
+def test_the_training_run_names_its_data_config_and_code(pretrained, packed_dir):
+    params, result, _, refresh_run = pretrained
     client = MlflowClient(tracking_uri=params.mlflow_tracking_uri)
     run = client.get_run(result.mlflow_run_id)
-    assert run.data.params["max_steps"] == "40" and run.data.params["launcher.kind"] == "local"
-    train_loss = client.get_metric_history(run.info.run_id, "loss")
-    assert train_loss and max(m.step for m in train_loss) == 40  # from the trainer
-    val = client.get_metric_history(run.info.run_id, "val/loss")
-    assert [m.step for m in val] == [e.step for e in result.evals]  # from the evals
-    some_slice = next(iter(result.evals[-1].slices))
-    assert client.get_metric_history(run.info.run_id, f"val/{some_slice}/perplexity")
+    assert run.data.params["train.max_steps"] == "40" and run.data.params["launcher.kind"] == "local"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
+    data = rt.TrainingData.of(ds.resolve_version(packed_dir))
+    inputs = {
+        (i.dataset.name, i.dataset.digest, next(t.value for t in i.tags if t.key == MLFLOW_DATASET_CONTEXT))
+        for i in run.inputs.dataset_inputs
+    }
+    assert inputs == {
+        ("packed", ds.mlflow_digest(data.packed_dir), "training"),
+        ("tokenizer", ds.mlflow_digest(packed_dir.parent / "tokenizer"), "tokenizer"),
+    }
+    tags = run.data.tags
+    assert tags[rt.TAG_DATA_REFRESH_RUN] == refresh_run
+    assert len(tags["pretrain.code_commit"]) == 40 and tags["pretrain.code_dirty"] in ("true", "false")
+    note = tags["mlflow.note.content"]
+    assert "tiny" in note and data.packed_digest in note and refresh_run in note
 
-@pytest.mark.slow
-def test_evaluate_flow_matches_the_pretrain_eval_and_logs_its_own_run(pretrained, tmp_path):
-    params, result, _ = pretrained
-    checkpoint = Path(result.train.checkpoint_dir) / "step-40"
-    out = evaluate(
-        EvaluateParams(
-            checkpoint=str(checkpoint),
-            max_sequences_per_slice=params.eval_max_sequences_per_slice,
-            threads=1,
-            mlflow_tracking_uri=params.mlflow_tracking_uri,
-        )
-    )
-    final = result.evals[-1]
+    logged = Path(client.download_artifacts(run.info.run_id, "config/run.json"))
+    config = TrainConfig.model_validate_json(logged.read_text())
     assert (
-        out.step == 40
-        and math.isclose(out.loss, final.loss, rel_tol=1e-6)
-        and out.slices.keys() == final.slices.keys()
+        config.data_dir == data.packed_dir
+        and config.max_steps == 40
+        and config.mlflow.run_id == run.info.run_id
     )
-    mlflow.set_tracking_uri(params.mlflow_tracking_uri)
-    (run,) = mlflow.search_runs(experiment_names=["evaluate"], output_format="list")
-    assert run.info.run_name == f"eval-{params.run_name}-step-40" and run.info.status == "FINISHED"
-    assert run.data.metrics["val/loss"] == pytest.approx(out.loss)
+    # Events read as named metrics and tags, never as raw JSON; the whole log is events.jsonl.
+    assert not any(value.lstrip().startswith("{") for value in tags.values())
+    events = Path(client.download_artifacts(run.info.run_id, "events.jsonl")).read_text().splitlines()
+    assert [json.loads(e)["event"] for e in events].count("resumed") == 1
+    assert client.get_metric_history(run.info.run_id, "checkpoint/total_s")
+    assert any(key.startswith("system/") for key in run.data.metrics)  # MLflow system metrics
 
 
 @pytest.mark.slow
-def test_eval_over_every_window_is_the_plain_mean_cross_entropy(pretrained, packed_dir):
-    """Independent check of the slice bookkeeping: with every window evaluated, the slices' tokens add up
-    to every predicted token and their weighted loss is the model's plain mean loss over the split."""
-    params, result, _ = pretrained
-    checkpoint = Path(result.train.checkpoint_dir) / "step-40"
-    info = packed.read_packing_info(packed_dir)
-    out = ev.evaluate_checkpoint(checkpoint, max_sequences_per_slice=10**6, threads=1, batch_size=64)
-    sequences = info["splits"]["validation"]["sequences"]
-    assert out.tokens == sequences * info["seq_len"]
-    assert sum(m.tokens for m in out.slices.values()) == out.tokens
+def test_checkpoints_are_logged_models_and_the_best_and_final_are_registered(pretrained, packed_dir):
+    params, result, _, refresh_run = pretrained
+    client = MlflowClient(tracking_uri=params.mlflow_tracking_uri)
+    run = client.get_run(result.mlflow_run_id)
+    models = {
+        m.name: m
+        for m in client.search_logged_models(experiment_ids=[run.info.experiment_id])
+        if m.source_run_id == run.info.run_id
+    }
+    assert set(models) == {f"step-{e.step}" for e in result.evals}
+    for evaluated in result.evals:
+        model = models[f"step-{evaluated.step}"]
+        assert model.params == {"step": str(evaluated.step), "checkpoint": evaluated.checkpoint}
+        linked = {m.key: m.value for m in model.metrics if m.step == evaluated.step}
+        assert linked["val/bpb"] == evaluated.metrics["val/bpb"]
 
-    config = load_config(Path(params.runs_root) / params.run_name / "run.json")
-    model = ev.load_model(checkpoint, config, info["vocab_size"], info["seq_len"])
-    windows = torch.from_numpy(np.concatenate(packed.open_shards(packed_dir, "validation")).astype(np.int64))
-    with torch.no_grad():
-        plain = float(model(windows[:, :-1], windows[:, 1:]))
-    assert out.loss == pytest.approx(plain, rel=1e-4)
+    name = params.run_name
+    best_eval = min(result.evals, key=lambda e: e.metrics["val/bpb"])
+    best = client.get_model_version_by_alias(name, "best")
+    final = client.get_model_version_by_alias(name, "final")
+    assert best.tags["step"] == str(best_eval.step) and final.tags["step"] == "40"
+    for version, model in ((best, models[f"step-{best_eval.step}"]), (final, models["step-40"])):
+        assert version.source == model.artifact_location and version.run_id == run.info.run_id
+        linked = json.loads(client.get_logged_model(model.model_id).tags["mlflow.modelVersions"])
+        assert {"name": name, "version": version.version} in linked
+    newest = max(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+    assert newest.version == final.version  # models:/<name>/latest is the final checkpoint
+    data = rt.TrainingData.of(ds.resolve_version(packed_dir))
+    for version in (best, final):
+        assert version.tags["packed_digest"] == data.packed_digest
+        assert version.tags["tokenizer_digest"] == data.tokenizer_digest
+        assert version.tags["data_refresh_run_id"] == refresh_run
+
+
+@pytest.mark.slow
+def test_no_credential_reaches_mlflow(pretrained, tmp_path):
+    """The run had secrets in its environment: no param, tag, metric name, artifact, logged model or
+    model version holds one."""
+    params, result, _, _ = pretrained
+    client = MlflowClient(tracking_uri=params.mlflow_tracking_uri)
+    run = client.get_run(result.mlflow_run_id)
+    logged = [json.dumps(run.data.params), json.dumps(run.data.tags), " ".join(run.data.metrics)]
+    pending = [""]
+    while pending:
+        for item in client.list_artifacts(run.info.run_id, pending.pop() or None):
+            if item.is_dir:
+                pending.append(item.path)
+            else:
+                path = client.download_artifacts(run.info.run_id, item.path, str(tmp_path))
+                logged.append(Path(path).read_text(errors="replace"))
+    for model in client.search_logged_models(experiment_ids=[run.info.experiment_id]):
+        logged += [json.dumps(model.params), json.dumps(model.tags)]
+    for version in client.search_model_versions(f"name = '{params.run_name}'"):
+        logged.append(json.dumps(version.tags))
+    assert len(logged) > 5
+    for secret in SECRETS.values():
+        assert not any(secret in text for text in logged), secret
+
+
+def test_a_tracking_uri_with_credentials_is_logged_and_linked_without_them():
+    params = PretrainParams(
+        run_name="r", data_dir="d", mlflow_tracking_uri="https://u:pw-123@mlflow.example:5000"
+    )
+    logged = logged_params(params)
+    assert logged["mlflow_tracking_uri"] == "https://mlflow.example:5000"
+    assert "pw-123" not in json.dumps(logged)
+    assert (
+        rt.run_url(None, params.mlflow_tracking_uri, "1", "x")
+        == "https://mlflow.example:5000/#/experiments/1/runs/x"
+    )
 
 
 def test_bad_inputs_fail_clearly(packed_dir, tmp_path, prefect_api):
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        ev.evaluate_checkpoint(tmp_path)
-    (tmp_path / "run" / "checkpoints" / "step-5").mkdir(parents=True)
-    (tmp_path / "run" / "checkpoints" / "step-5" / "COMPLETE").write_text('{"step": 5, "world_size": 1}')
-    with pytest.raises(FileNotFoundError, match=r"no run\.json"):
-        ev.evaluate_checkpoint(tmp_path / "run" / "checkpoints" / "step-5")
-    with pytest.raises(FileNotFoundError, match="is not a dataset"):
+    with pytest.raises(FileNotFoundError, match="is neither a published dataset"):
         pretrain(small_run(tmp_path / "nowhere", tmp_path, "bad-data"))
     with pytest.raises(ValueError, match="run_name"):
         small_run(packed_dir, tmp_path, "../escape")
+    with pytest.raises(ValueError, match="model"):
+        small_run(packed_dir, tmp_path, "bad-model", model="9B")
 
 
-def test_form_presets_match_the_model_and_launcher_is_a_tagged_union():
-    assert set(ModelPreset.__args__) == set(PRESETS)
+# The fields the flow sets itself: where the run reads and writes, and its MLflow run.
+FLOW_SET = {"data_dir", "checkpoint_dir", "mlflow"}
+
+
+def test_the_form_nests_every_trainer_setting_with_its_one_description():
+    trainer_fields = TrainConfig.model_fields
+    form = PretrainParams.model_fields["train"].annotation
+    assert form is TrainSettings and not FLOW_SET & set(form.model_fields)
+    assert set(form.model_fields) == set(trainer_fields) - FLOW_SET
+    for name, field in form.model_fields.items():
+        assert field.description and field.description == trainer_fields[name].description, name
+        assert field.default == trainer_fields[name].default, name
     schema = PretrainParams.model_json_schema()
-    launcher = schema["properties"]["launcher"]
-    assert launcher["discriminator"]["propertyName"] == "kind"
-    assert schema["properties"]["model"]["enum"] == list(ModelPreset.__args__)
+    settings = schema["$defs"]["TrainSettings"]["properties"]
+    for name in ("fsdp_prefetch", "attention_kernel", "health", "checkpoint_async"):
+        assert name in settings, name
+    assert settings["model"]["enum"] == list(PRESETS)  # presets from the model's own table
+    assert not FLOW_SET & set(schema["properties"]) - {"data_dir"}  # data_dir: the data to pin
+    assert schema["properties"]["launcher"]["discriminator"]["propertyName"] == "kind"
 
 
 CANCEL_SCRIPT = """
@@ -248,7 +367,7 @@ pretrain(PretrainParams.model_validate_json(sys.argv[1]))
 @pytest.mark.slow
 def test_terminating_the_flow_run_stops_the_whole_process_group(packed_dir, tmp_path, prefect_api):
     """A cancelled flow run's process gets SIGTERM (from its worker/runner): no rank, no torchrun survives."""
-    params = small_run(packed_dir, tmp_path, "cancel-me", max_steps=100_000, eval_interval=1000)
+    params = small_run(packed_dir, tmp_path, "cancel-me", max_steps=100_000, checkpoint_interval=1000)
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO)}
     flow_process = subprocess.Popen(
         [sys.executable, "-c", CANCEL_SCRIPT, params.model_dump_json()],
@@ -257,7 +376,7 @@ def test_terminating_the_flow_run_stops_the_whole_process_group(packed_dir, tmp_
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    log = Path(params.runs_root) / params.run_name / "train.log"
+    log = RunDir.of(params.runs_root, params.run_name).log_path
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not (log.exists() and "METRIC" in log.read_text()):
         assert flow_process.poll() is None, "the flow process ended early"

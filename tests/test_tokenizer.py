@@ -80,7 +80,7 @@ def test_vocab_is_padded_with_special_tokens_first(tokenizer_dir: Path, tokenize
     assert [tokenizer.token_to_id(tk.reserved_token(i)) for i in range(4)] == [2, 3, 4, 5]
     name = manifest.extra["tokenizer_file"]
     assert name == f"tokenizer-{ds.sha256_file(tokenizer_dir / name)[:16]}.json"
-    assert manifest.inputs and manifest.inputs[0].manifest_sha256
+    assert manifest.inputs and manifest.inputs[0].digest
 
 
 def test_vocab_padding_to_multiple(lid_dataset: Path, tmp_path: Path) -> None:

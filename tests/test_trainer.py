@@ -127,7 +127,8 @@ def reference(packed: Path, tmp_path_factory) -> tuple[Run, Path]:
     """One uninterrupted run, logging to a real MLflow store (sqlite)."""
     run_dir = tmp_path_factory.mktemp("reference")
     uri = f"sqlite:///{run_dir / 'mlflow.db'}"
-    run = train(config(packed, run_dir, mlflow={"tracking_uri": uri, "run_name": "ref"}), run_dir)
+    mlflow = {"tracking_uri": uri, "run_name": "ref", "system_metrics_s": 0.5}
+    run = train(config(packed, run_dir, mlflow=mlflow), run_dir)
     assert run.returncode == 0, "\n".join(run.lines[-40:])
     return run, run_dir
 
@@ -158,8 +159,19 @@ def test_metrics_reach_mlflow(reference):
     assert stored.data.params["config.model"] == "tiny" and stored.data.params["model_shapes.dim"] == "64"
     history = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
     assert history == pytest.approx(run.losses(), rel=1e-6)
-    for key in ("lr", "grad_norm", "tokens_per_s", "step_time_s", "data_wait_s", "event.checkpoint"):
+    for key in ("lr", "grad_norm", "tokens_per_s", "step_time_s", "data_wait_s", "events/checkpoint"):
         assert key in stored.data.metrics, key
+    # Events read as named metrics and tags, never as raw JSON; all of them in events.jsonl.
+    assert [m.step for m in client.get_metric_history(run_id, "checkpoint/total_s")] == [8, 16, 24]
+    assert (
+        stored.data.tags["pretrain.world_size"] == "2" and stored.data.tags["pretrain.last_event"] == "done"
+    )
+    assert not any(value.startswith("{") for value in stored.data.tags.values())
+    events = client.download_artifacts(run_id, "events.jsonl", str(run_dir / "downloaded"))
+    logged = [json.loads(line) for line in Path(events).read_text().splitlines()]
+    assert [e["event"] for e in logged] == [e["event"] for e in run.events]
+    # MLflow's system metrics, logged for a run the trainer made with MlflowClient.
+    assert any(key.startswith("system/cpu_utilization") for key in stored.data.metrics), stored.data.metrics
 
 
 def test_kill_9_then_resume_gives_the_bitwise_same_losses(packed, reference, tmp_path):

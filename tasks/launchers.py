@@ -1,9 +1,4 @@
-"""Training runs submitted from Prefect: launchers, and the task that follows a run to its end.
-
-A run lives in one directory named after the run: ``run.json`` (the trainer's config),
-``checkpoints/`` and ``train.log``. The directory comes from the run name, never from the task
-run, so a Prefect retry starts the same run again and the trainer resumes from its latest complete
-checkpoint instead of step 0.
+"""Launching training jobs: where ``model.trainer`` runs, how it is started, and how it is stopped.
 
 A launcher starts ``model.trainer`` under torchrun somewhere and hands back a ``RunningJob``: its
 log lines, its exit code, and a way to stop it. ``local`` runs torchrun as a subprocess in its own
@@ -12,14 +7,17 @@ process group (stopping the run stops the group), ``slurm`` submits an sbatch sc
 ``infra/k8s/training/``. The launcher configs are pydantic models with a ``kind`` discriminator:
 they are the launcher part of the Prefect run form.
 
-The trainer prints ``METRIC {json}`` and ``EVENT {json}`` lines; everything else is plain log.
+A job runs in its run directory (model/run_dir.py), named after the run, never after the task run:
+a Prefect retry starts the same run again and the trainer resumes from its latest complete
+checkpoint instead of step 0. Every job this process started is registered, so that a cancelled or
+crashed flow run stops them all (``jobs_stopped_on_exit``, ``stop_running_jobs``).
+Following a job (its records, progress, the Prefect task) is tasks/training_job.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import re
 import shlex
@@ -33,22 +31,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
 import jinja2
-from prefect import get_client, get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from pydantic import BaseModel, Field
 
-from model.checkpoint import complete_checkpoints
-from tasks import dataset as ds
+from model.run_dir import RunDir
+from tasks.atomic import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 TRAINER_ENTRYPOINT = ["-m", "model.trainer"]
-RUN_CONFIG = "run.json"  # the trainer's config, in the run directory
-
 
 # ---------------------------------------------------------------------------------------------
 # Launcher configs (the Prefect UI form)
@@ -68,7 +58,10 @@ class SlurmLauncher(BaseModel):
 
     kind: Literal["slurm"] = "slurm"
     nodes: int = Field(1, ge=1)
-    gpus_per_node: int = Field(8, ge=1)
+    gpus_per_node: int = Field(8, ge=1, description="GPUs per node, one rank each (device cpu: CPU ranks).")
+    device: Literal["cuda", "cpu"] = Field(
+        "cuda", description="cuda: --gpus-per-node, NCCL; cpu: no GPU requested, gloo (CPU-only nodes)."
+    )
     cpus_per_node: int = Field(64, ge=1)
     mem: str = Field("0", description="sbatch --mem ('0' = all of the node's memory).")
     time_limit: str = Field("2-00:00:00", description="sbatch --time.")
@@ -115,38 +108,23 @@ Launcher = Annotated[LocalLauncher | SlurmLauncher | KubernetesLauncher, Field(d
 
 
 class TrainJob(BaseModel):
-    run_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    run_dir: Path
+    run_dir: RunDir
     total_steps: int = Field(ge=1, description="Steps the run is configured for (progress and ETA).")
     entrypoint: list[str] = Field(default_factory=lambda: list(TRAINER_ENTRYPOINT))
 
     @property
-    def config_path(self) -> Path:
-        return self.run_dir / RUN_CONFIG
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-    @property
-    def log_path(self) -> Path:
-        return self.run_dir / "train.log"
+    def run_name(self) -> str:
+        return self.run_dir.name
 
     def trainer_args(self) -> list[str]:
         """What follows torchrun's own options: the trainer module (or script) and its config."""
-        return [*self.entrypoint, "--config", str(self.config_path)]
-
-
-def run_dir_for(runs_root: str | Path, run_name: str) -> Path:
-    """The run's directory: a pure function of the run name, so retries and restarts find it."""
-    return Path(runs_root).resolve() / run_name
+        return [*self.entrypoint, "--config", str(self.run_dir.config_path)]
 
 
 def write_run_config(job: TrainJob, config: dict[str, Any]) -> Path:
     """Write the trainer's config for ``job`` atomically (sorted keys: same config, same bytes)."""
-    job.run_dir.mkdir(parents=True, exist_ok=True)
-    ds.atomic_write_text(job.config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return job.config_path
+    atomic_write_json(job.run_dir.config_path, config)
+    return job.run_dir.config_path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +226,7 @@ def local_env(launcher: LocalLauncher) -> dict[str, str]:
 
 
 def submit_local(job: TrainJob, launcher: LocalLauncher) -> LocalJob:
-    return LocalJob(local_command(job, launcher), local_env(launcher), REPO, job.log_path)
+    return LocalJob(local_command(job, launcher), local_env(launcher), REPO, job.run_dir.log_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +257,7 @@ def render_sbatch(job: TrainJob, launcher: SlurmLauncher) -> str:
         .render(
             job_name=slurm_job_name(job),
             launcher=launcher,
-            log_path=str(job.log_path),
+            log_path=str(job.run_dir.log_path),
             trainer_args=shlex.join(job.trainer_args()),
         )
     )
@@ -330,9 +308,17 @@ SLURM_FINAL_STATES = {"COMPLETED": 0} | dict.fromkeys(
 
 def slurm_state(job_id: str) -> int | None:
     """None while the job is pending or running, else 0 (completed) or 1."""
-    lines = _run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"]).split("\n")
-    # Not yet in the accounting database reads as pending; "CANCELLED by 123" -> "CANCELLED".
-    state = lines[0].split()[0].rstrip("+") if lines[0].strip() else "PENDING"
+    accounting = subprocess.run(
+        ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], capture_output=True, text=True, check=False
+    )
+    if accounting.returncode == 0:
+        lines = accounting.stdout.split("\n")
+        # Not yet in the accounting database reads as pending; "CANCELLED by 123" -> "CANCELLED".
+        state = lines[0].split()[0].rstrip("+") if lines[0].strip() else "PENDING"
+    else:
+        # No accounting (a cluster without slurmdbd, e.g. infra/slurm/local-cluster.sh): the
+        # controller keeps a finished job's state for MinJobAge.
+        state = _run(["squeue", "-h", "-j", job_id, "--states=all", "-o", "%T"]).strip() or "PENDING"
     return SLURM_FINAL_STATES.get(state)
 
 
@@ -354,10 +340,10 @@ def tail_file(path: Path, finished: Callable[[], bool], poll_s: float, position:
 
 
 def submit_slurm(job: TrainJob, launcher: SlurmLauncher) -> CommandJob:
-    script = job.run_dir / "train.sbatch"
-    ds.atomic_write_text(script, render_sbatch(job, launcher))
+    script = job.run_dir.root / "train.sbatch"
+    atomic_write_text(script, render_sbatch(job, launcher))
     # The log is appended to by every attempt of the run: follow only what this attempt writes.
-    log_start = job.log_path.stat().st_size if job.log_path.exists() else 0
+    log_start = job.run_dir.log_path.stat().st_size if job.run_dir.log_path.exists() else 0
     job_id = _run(["sbatch", "--parsable", str(script)]).strip().split(";")[0]
 
     def poll() -> int | None:
@@ -373,7 +359,7 @@ def submit_slurm(job: TrainJob, launcher: SlurmLauncher) -> CommandJob:
 
     return CommandJob(
         f"slurm job {job_id} ({script})",
-        lambda: tail_file(job.log_path, lambda: poll() is not None, launcher.poll_s, log_start),
+        lambda: tail_file(job.run_dir.log_path, lambda: poll() is not None, launcher.poll_s, log_start),
         poll,
         stop,
         launcher.poll_s,
@@ -393,9 +379,9 @@ def k8s_name(job: TrainJob) -> str:
 def render_k8s(job: TrainJob, launcher: KubernetesLauncher) -> str:
     """The manifest of ``job``: ``job.yaml.j2`` for one node, ``pytorchjob.yaml.j2`` for several."""
     mount = Path(launcher.mount_path)
-    if not job.run_dir.is_relative_to(mount):
+    if not job.run_dir.root.is_relative_to(mount):
         raise ValueError(
-            f"run dir {job.run_dir} is not under the volume mount {mount}: pods would not see it"
+            f"run dir {job.run_dir.root} is not under the volume mount {mount}: pods would not see it"
         )
     template = "job.yaml.j2" if launcher.nodes == 1 else "pytorchjob.yaml.j2"
     return (
@@ -422,7 +408,7 @@ def k8s_state(launcher: KubernetesLauncher, name: str) -> int | None:
 
 def submit_kubernetes(job: TrainJob, launcher: KubernetesLauncher) -> CommandJob:
     manifest = render_k8s(job, launcher)
-    ds.atomic_write_text(job.run_dir / f"{k8s_resource(launcher)}.yaml", manifest)
+    atomic_write_text(job.run_dir.root / f"{k8s_resource(launcher)}.yaml", manifest)
     name = k8s_name(job)
     ref = [f"{k8s_resource(launcher)}/{name}", "-n", launcher.namespace]
     # A retry submits the run again under the same name: the previous attempt's object goes first.
@@ -458,6 +444,11 @@ def submit_kubernetes(job: TrainJob, launcher: KubernetesLauncher) -> CommandJob
 
 
 def submit(job: TrainJob, launcher: Launcher) -> RunningJob:
+    """Start ``job`` through ``launcher`` (its run config written first: ``write_run_config``)."""
+    if _stopping.is_set():
+        raise RuntimeError("this process is stopping its training jobs (flow run cancelled or crashed)")
+    if not job.run_dir.config_path.exists():
+        raise FileNotFoundError(f"{job.run_dir.config_path} missing: write the run config first")
     if isinstance(launcher, LocalLauncher):
         return submit_local(job, launcher)
     if isinstance(launcher, SlurmLauncher):
@@ -509,310 +500,3 @@ def jobs_stopped_on_exit() -> Iterator[None]:
     except BaseException:
         stop_running_jobs()
         raise
-
-
-# ---------------------------------------------------------------------------------------------
-# Following a run: log lines, METRIC/EVENT records, progress
-
-
-_RECORD = re.compile(r"^(?:\[[^\]]*\]:?\s*)?(METRIC|EVENT) (\{.*\})\s*$")
-
-
-def parse_record(line: str) -> tuple[str, dict[str, Any]] | None:
-    """``("METRIC", {...})`` or ``("EVENT", {...})`` for a trainer record line (a torchrun
-    ``[rank0]:`` prefix allowed), else None."""
-    match = _RECORD.match(line)
-    if not match:
-        return None
-    try:
-        record = json.loads(match.group(2))
-    except json.JSONDecodeError:
-        return None
-    return (match.group(1), record) if isinstance(record, dict) else None
-
-
-class Progress:
-    """Step, loss and ETA of a run from its METRIC records, published at most every ``every_s``."""
-
-    def __init__(
-        self,
-        total_steps: int,
-        publish: Callable[[float, str], None],
-        every_s: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        self.total_steps = total_steps
-        self.publish = publish
-        self.every_s = every_s
-        self.clock = clock
-        self.step: int | None = None
-        self.loss: float | None = None
-        self.trainer_eta_s: float | None = None  # the trainer's own estimate, when it sends one
-        self._first: tuple[float, int] | None = None  # (time, step) of the first record of this attempt
-        self._published_at: float | None = None
-
-    def observe(self, metric: dict[str, Any]) -> None:
-        if "step" not in metric:
-            return
-        now = self.clock()
-        self.step = int(metric["step"])
-        self.loss = metric.get("loss", self.loss)
-        self.trainer_eta_s = metric.get("eta_s")
-        if self._first is None:
-            self._first = (now, self.step)
-        if self._published_at is None or now - self._published_at >= self.every_s:
-            self.flush()
-
-    def eta_s(self) -> float | None:
-        if self._first is None or self.step is None:
-            return None
-        t0, step0 = self._first
-        elapsed, done = self.clock() - t0, self.step - step0
-        if done <= 0 or elapsed <= 0:
-            return None
-        return max(self.total_steps - self.step, 0) * elapsed / done
-
-    def describe(self) -> str:
-        parts = [f"step {self.step}/{self.total_steps}"]
-        if self.loss is not None:
-            parts.append(f"loss {self.loss:.4f}")
-        eta = self.trainer_eta_s if self.trainer_eta_s is not None else self.eta_s()
-        if eta is not None:
-            parts.append(f"ETA {_duration(eta)}")
-        return ", ".join(parts)
-
-    def percent(self) -> float:
-        return 0.0 if self.step is None else min(100.0, 100.0 * self.step / self.total_steps)
-
-    def flush(self) -> None:
-        if self.step is not None:
-            self.publish(self.percent(), self.describe())
-            self._published_at = self.clock()
-
-
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
-class TrainResult(BaseModel):
-    run_name: str
-    run_dir: Path
-    checkpoint_dir: Path
-    exit_code: int
-    last_step: int | None
-    last_loss: float | None
-    first_step: int | None = Field(description="First step this attempt reported (> 0 when it resumed).")
-    done: dict[str, Any] | None = Field(description="The trainer's final EVENT done record.")
-
-
-class TrainingFailed(RuntimeError):
-    pass
-
-
-def follow(
-    job: RunningJob,
-    grace_s: float,
-    log: logging.Logger,
-    on_record: Callable[[str, dict[str, Any]], None],
-    tail: list[str] | None = None,
-) -> int:
-    """Stream ``job``'s lines to ``log`` and its records to ``on_record``; its exit code.
-
-    Whatever ends the following early (an error, KeyboardInterrupt, Prefect's TerminationSignal when
-    the flow run is cancelled) stops the job first: a run never outlives the task following it.
-    """
-    with registered(job, grace_s):
-        try:
-            for line in job.lines():
-                log.info(line)
-                if tail is not None:
-                    tail.append(line)
-                    del tail[:-80]  # enough to hold the failing rank's traceback and torchrun's report
-                if record := parse_record(line):
-                    on_record(*record)
-            return job.wait()
-        except BaseException:
-            log.warning("stopping %s", job.description)
-            job.stop(grace_s)
-            raise
-
-
-def run_training(
-    job: TrainJob,
-    launcher: Launcher,
-    log: logging.Logger,
-    on_record: Callable[[str, dict[str, Any]], None] | None = None,
-    publish_progress: Callable[[float, str], None] | None = None,
-) -> TrainResult:
-    """Submit ``job`` through ``launcher``, follow it to the end; raise TrainingFailed if it failed."""
-    if not job.config_path.exists():
-        raise FileNotFoundError(f"{job.config_path} missing: write the run config first (write_run_config)")
-    progress = Progress(job.total_steps, publish_progress or (lambda percent, description: None))
-    seen: dict[str, Any] = {"first_step": None, "done": None}
-
-    def handle(kind: str, record: dict[str, Any]) -> None:
-        if kind == "METRIC" and "step" in record:
-            if seen["first_step"] is None:
-                seen["first_step"] = int(record["step"])
-            progress.observe(record)
-        if kind == "EVENT" and record.get("event") == "done":
-            seen["done"] = record
-        if on_record is not None:
-            on_record(kind, record)
-
-    if _stopping.is_set():
-        raise RuntimeError("this process is stopping its training jobs (flow run cancelled or crashed)")
-    running = submit(job, launcher)
-    log.info("submitted %s", running.description)
-    tail: list[str] = []
-    code = follow(running, launcher.stop_grace_s, log, handle, tail)
-    progress.flush()
-    if code != 0:
-        last = "\n".join(tail)
-        raise TrainingFailed(f"{running.description} exited with {code}; last lines:\n{last}")
-    return TrainResult(
-        run_name=job.run_name,
-        run_dir=job.run_dir,
-        checkpoint_dir=job.checkpoint_dir,
-        exit_code=code,
-        last_step=progress.step,
-        last_loss=progress.loss,
-        first_step=seen["first_step"],
-        done=seen["done"],
-    )
-
-
-def new_checkpoints(
-    checkpoint_dir: Path, finished: Callable[[], bool], poll_s: float = 5.0
-) -> Iterator[Path]:
-    """Each time a newer complete checkpoint appears, the newest one; ends once ``finished()`` and
-    nothing newer is left. Checkpoints that came and went between two looks are passed over: an
-    eval slower than the checkpoint interval evaluates the latest, it does not fall behind."""
-    last_step = -1
-    while True:
-        finished_before_look = finished()  # so the final checkpoint is never missed
-        found = complete_checkpoints(checkpoint_dir)
-        if found and found[-1][0] > last_step:
-            last_step, path = found[-1]
-            yield path
-        elif finished_before_look:
-            return
-        else:
-            time.sleep(poll_s)
-
-
-def mlflow_run_for(
-    tracking_uri: str, experiment: str, run_name: str, params: dict[str, str]
-) -> tuple[str, str]:
-    """(experiment id, run id) of the MLflow run named ``run_name``: the existing one, so that a re-run
-    of the same training run continues its MLflow run as it continues its checkpoints, or a new one
-    holding ``params``."""
-    from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    quoted = run_name.replace("'", "\\'")
-    runs = client.search_runs(
-        [experiment_id], filter_string=f"attributes.run_name = '{quoted}'", max_results=1
-    )
-    if runs:
-        return experiment_id, runs[0].info.run_id
-    run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
-    items = [Param(key, value) for key, value in sorted(params.items())]
-    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run_id, params=items[start : start + 100])
-    return experiment_id, run_id
-
-
-def mlflow_run_url(ui_url: str | None, tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """The run's page: on ``ui_url``, else on the tracking server, else on a local ``mlflow ui``."""
-    base = ui_url or (
-        tracking_uri if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    )
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Prefect: device slots, progress artifact, the task
-
-
-def device_slots(launcher: Launcher) -> tuple[str, int, int] | None:
-    """(global concurrency limit, slots this run occupies, slots the machine has) for a local run.
-
-    Slurm and Kubernetes schedule devices themselves; on this machine a Prefect global concurrency
-    limit does it: ``gpu`` (one slot per GPU) for CUDA runs, ``cpu`` (one per core) for CPU runs.
-    """
-    if not isinstance(launcher, LocalLauncher):
-        return None
-    if launcher.device == "cuda":
-        import torch
-
-        return "gpu", launcher.nproc_per_node, torch.cuda.device_count()
-    return "cpu", launcher.nproc_per_node, os.cpu_count() or 1
-
-
-def ensure_concurrency_limit(name: str, slots: int) -> int:
-    """Create the global concurrency limit ``name`` with ``slots`` unless it exists (an operator's
-    setting wins); its limit. Works against any Prefect API, the ephemeral one included."""
-    with get_client(sync_client=True) as client:
-        try:
-            return client.read_global_concurrency_limit_by_name(name).limit
-        except ObjectNotFound:
-            pass
-        with contextlib.suppress(ObjectAlreadyExists):  # another run created it meanwhile
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
-        return client.read_global_concurrency_limit_by_name(name).limit
-
-
-@contextlib.contextmanager
-def holding_devices(launcher: Launcher, log: logging.Logger) -> Iterator[None]:
-    """Hold the run's device slots for as long as the block runs (nothing to hold off this machine)."""
-    slots = device_slots(launcher)
-    if slots is None:
-        yield
-        return
-    name, occupy, available = slots
-    limit = ensure_concurrency_limit(name, available)
-    if occupy > limit:
-        raise ValueError(
-            f"the run needs {occupy} {name} slots but the {name!r} concurrency limit has {limit}"
-        )
-    log.info("waiting for %d of %d %s slots", occupy, limit, name)
-    with concurrency(name, occupy=occupy):
-        log.info("holding %d %s slots", occupy, name)
-        yield
-
-
-def artifact_key(run_name: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"train-{run_name}".lower()).strip("-")
-
-
-class ProgressArtifact:
-    """A Prefect progress artifact for the run, created on the first report and then updated."""
-
-    def __init__(self, key: str):
-        self.key = key
-        self.artifact_id = None
-
-    def __call__(self, percent: float, description: str) -> None:
-        if self.artifact_id is None:
-            self.artifact_id = create_progress_artifact(percent, key=self.key, description=description)
-        else:
-            update_progress_artifact(self.artifact_id, percent, description=description)
-
-
-@task(name="train", cache_policy=NO_CACHE, retry_delay_seconds=5)
-def train(job: TrainJob, launcher: Launcher) -> TrainResult:
-    """Run the job through the launcher on held devices, streaming its log and progress to Prefect.
-
-    A retry (``train.with_options(retries=n)``) starts the same run directory again: the trainer
-    resumes from its last complete checkpoint.
-    """
-    log = get_run_logger()
-    with holding_devices(launcher, log):
-        return run_training(job, launcher, log, publish_progress=ProgressArtifact(artifact_key(job.run_name)))

@@ -1,0 +1,255 @@
+"""Samples a person can read: continuations of fixed validation prompts, rendered as Markdown.
+
+The pieces, in the order a per-checkpoint evaluation uses them:
+
+- ``select_prompts(documents, per_language=3)``: the prompts, from ``(lang, text)`` pairs of validation
+  documents in a stable order (the caller's: e.g. sorted by doc id). Per language, the first documents
+  whose opening sentences make a prompt of ``min_chars``..``max_chars`` characters; deterministic, so
+  every checkpoint of a run continues the same prompts. ``prompts_jsonl`` / ``read_prompts`` keep
+  them as JSONL (``tasks/build_eval_tasks.py`` writes ``prompts.jsonl`` beside the capability tasks).
+- ``generate(model, prompt_ids, max_new_tokens, temperature=, top_k=, seed=, stop_id=)``: one
+  continuation through the KV cache (``Transformer.forward_cached``); temperature 0 is greedy.
+  Sampling draws on the CPU from its own seeded generator: the same model and seed give the same text.
+- ``generate_samples(model, tokenizer, prompts, ...)`` -> ``[Sample]`` (greedy and sampled continuation
+  of each prompt) and ``render_samples(samples, step, ...)`` -> the Markdown of ``samples/step-<N>.md``
+  (``samples_artifact_path(step)``). ``samples_markdown`` does both.
+
+``tokenizer`` is a ``tokenizers.Tokenizer`` (the packed data's ``tokenizer.json``); pass the end-of-text
+id as ``stop_id``: the prompt is encoded after it, as documents follow it in training, and a
+continuation stops there.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from model.model import KVCache, Transformer
+
+# Not cuDNN attention while decoding: it builds a plan per key length (about 50 ms on an H200) and
+# decoding meets a new length at every token (64 tokens of a 1B model: 3.3 s cold, 0.6 s without it).
+DECODE_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+# A sentence ends at . ! ? (and closing quotes/brackets) before whitespace, at CJK full stops, or at a
+# line break (titles, list items and man-page lines have no final punctuation), except a line break
+# inside wrapped prose: after a letter or comma and before a lowercase letter.
+_SENTENCE_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)|[。！？]+|\n")
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) character spans of the sentences of ``text``, whitespace stripped, empty ones dropped."""
+    ends = []
+    for match in _SENTENCE_END.finditer(text):
+        before, after = text[match.start() - 1 : match.start()], text[match.end() : match.end() + 1]
+        if match.group() == "\n" and (before.isalnum() or before == ",") and after.islower():
+            continue
+        ends.append(match.end())
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for end in [*ends, len(text)]:
+        piece = text[start:end]
+        stripped = piece.strip()
+        if stripped:
+            first = start + len(piece) - len(piece.lstrip())
+            spans.append((first, first + len(stripped)))
+        start = end
+    return spans
+
+
+@dataclass(frozen=True)
+class Prompt:
+    lang: str
+    text: str
+
+
+def opening(text: str, min_chars: int, max_chars: int) -> str | None:
+    """The first sentences of ``text``: as many as fit in ``max_chars`` (a longer first sentence is cut
+    at a space), None when fewer than ``min_chars`` characters come out."""
+    spans = sentence_spans(text)
+    if not spans:
+        return None
+    start, end = spans[0]
+    for _, sentence_end in spans[1:]:
+        if end - start >= min_chars or sentence_end - start > max_chars:
+            break
+        end = sentence_end
+    if end - start > max_chars:
+        cut = text.rfind(" ", start, start + max_chars)
+        end = cut if cut > start + min_chars else start + max_chars
+    prompt = text[start:end].strip()
+    return prompt if len(prompt) >= min_chars else None
+
+
+def select_prompts(
+    documents: Iterable[tuple[str, str]], per_language: int = 3, min_chars: int = 40, max_chars: int = 240
+) -> list[Prompt]:
+    """Per language (sorted), the openings of the first ``per_language`` documents that have one.
+
+    ``documents``: ``(lang, text)`` of validation documents, in a stable order (the caller's)."""
+    chosen: dict[str, list[Prompt]] = {}
+    for lang, text in documents:
+        prompts = chosen.setdefault(lang, [])
+        if len(prompts) < per_language and (prompt := opening(text, min_chars, max_chars)):
+            prompts.append(Prompt(lang, prompt))
+    return [prompt for lang in sorted(chosen) for prompt in chosen[lang]]
+
+
+def prompts_jsonl(prompts: list[Prompt]) -> bytes:
+    """The prompts as JSONL (one object per line, keys sorted): what ``read_prompts`` reads."""
+    return "".join(json.dumps(asdict(p), ensure_ascii=False, sort_keys=True) + "\n" for p in prompts).encode()
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [Prompt(**json.loads(line)) for line in lines if line.strip()]
+
+
+def next_token(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator
+) -> int:
+    """Argmax of ``logits`` [vocab] at temperature 0, else a draw from the top-k softmax at temperature."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float().cpu() / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    stop_id: int | None = None,
+) -> list[int]:
+    """Up to ``max_new_tokens`` ids continuing ``prompt_ids`` (not included), ending before ``stop_id``.
+
+    A prompt too long for ``max_seq_len`` keeps its last tokens. One forward over the prompt, then one
+    position at a time through the KV cache."""
+    limit = model.cfg.max_seq_len
+    if not prompt_ids or not 0 < max_new_tokens < limit:
+        raise ValueError(f"need a non-empty prompt and 0 < max_new_tokens < max_seq_len ({limit})")
+    ids = prompt_ids[-(limit - max_new_tokens) :]
+    device = model.rope_cos.device
+    cache = KVCache(model.cfg.n_layers, len(ids) + max_new_tokens)
+    generator = torch.Generator().manual_seed(seed)
+    out: list[int] = []
+    with sdpa_kernel(DECODE_KERNELS):
+        logits = model.forward_cached(torch.tensor([ids], device=device), cache)[0, -1]
+        while True:
+            token = next_token(logits, temperature, top_k, generator)
+            if token == stop_id:
+                break
+            out.append(token)
+            if len(out) == max_new_tokens:
+                break
+            logits = model.forward_cached(torch.tensor([[token]], device=device), cache)[0, -1]
+    return out
+
+
+@dataclass(frozen=True)
+class Sample:
+    lang: str
+    prompt: str
+    greedy: str
+    sampled: str
+
+
+def generate_samples(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: list[Prompt],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    seed: int = 0,
+    stop_id: int | None = None,
+) -> list[Sample]:
+    """A greedy and a sampled continuation of every prompt (sampling seeded by ``seed`` + prompt index)."""
+    samples = []
+    for index, prompt in enumerate(prompts):
+        ids = tokenizer.encode(prompt.text, add_special_tokens=False).ids
+        if stop_id is not None:
+            ids = [stop_id, *ids]
+        greedy = generate(model, ids, max_new_tokens, stop_id=stop_id)
+        sampled = generate(
+            model,
+            ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed + index,
+            stop_id=stop_id,
+        )
+        samples.append(Sample(prompt.lang, prompt.text, tokenizer.decode(greedy), tokenizer.decode(sampled)))
+    return samples
+
+
+def samples_artifact_path(step: int) -> str:
+    return f"samples/step-{step}.md"
+
+
+def _fenced(text: str) -> str:
+    """``text`` verbatim in a fenced block (a fence longer than any backtick run inside it)."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
+
+
+def render_samples(
+    samples: list[Sample],
+    step: int,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    seed: int = 0,
+) -> str:
+    """The Markdown of ``samples/step-<step>.md``: per language, each prompt with its continuations."""
+    lines = [
+        f"# Samples at step {step}",
+        "",
+        f"Continuations of at most {max_new_tokens} tokens of the first sentences of validation documents: "
+        f"greedy, and sampled at temperature {temperature}, top-k {top_k}, seed {seed}.",
+    ]
+    lang = None
+    for number, sample in enumerate(samples, 1):
+        if sample.lang != lang:
+            lang = sample.lang
+            lines += ["", f"## {lang}"]
+        lines += ["", f"### {number}. prompt", "", _fenced(sample.prompt)]
+        lines += ["", "greedy:", "", _fenced(sample.greedy), "", "sampled:", "", _fenced(sample.sampled)]
+    return "\n".join(lines) + "\n"
+
+
+def samples_markdown(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: list[Prompt],
+    step: int,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    seed: int = 0,
+    stop_id: int | None = None,
+) -> str:
+    """``render_samples(generate_samples(...))``: what a checkpoint evaluation logs as
+    ``samples_artifact_path(step)``."""
+    settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "seed": seed}
+    samples = generate_samples(model, tokenizer, prompts, stop_id=stop_id, **settings)
+    return render_samples(samples, step, **settings)
