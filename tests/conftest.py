@@ -57,3 +57,14 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
         home, prefect_port=free_port(), mlflow_port=free_port(), timeout=240, echo=print
     ) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models run faster on one thread (no hand-offs), above all on a shared 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -12,21 +12,10 @@ from tasks import boilerplate, minhash
 from tasks import dataset as ds
 from tasks.boilerplate import BoilerplateConfig, boilerplate_datasets
 from tests.conftest import snapshot_files
+from tests.test_dedup import write_dataset
 
 SNAPSHOTS = ("CC-MAIN-2026-40", "CC-MAIN-2026-44")
 PAGES_PER_SNAPSHOT = 160
-
-
-def write_dataset(target: Path, shards: list[list[dict]]) -> Path:
-    infos = [
-        ds.write_table(ds.rows_to_table(rows, ds.DOCUMENT_SCHEMA), target / f"part-{i:05d}.parquet")
-        for i, rows in enumerate(shards)
-    ]
-    ds.write_manifest(
-        target,
-        ds.Manifest(stage="test-input", schema=ds.schema_description(ds.DOCUMENT_SCHEMA), shards=infos),
-    )
-    return target
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:

@@ -35,13 +35,7 @@ from tests.test_tokenizer import SMALL, build_lid_dataset
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (no hand-offs), above all on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- a synthetic corpus where both tasks are learnable ----------------------------------------------
