@@ -154,11 +154,11 @@ def custom_run_then_mlflow(platform: local.Platform, page, workdir: Path) -> Non
         wait_until="domcontentloaded",
     )
     page.get_by_role("link", name=run_name).wait_for()
-    page.get_by_text(f"{SNAPSHOT}/dedup").first.wait_for()
+    page.get_by_text(f"crawl/{SNAPSHOT}").first.wait_for()
     page.screenshot(path=SHOTS / "05-mlflow-runs.png")
     page.get_by_role("link", name=run_name).click()
     page.get_by_text(f"{SNAPSHOT}.dedup.kept").wait_for()
-    page.get_by_text(f"{SNAPSHOT}/dedup").first.wait_for()
+    page.get_by_text(f"crawl/{SNAPSHOT}").first.wait_for()
     page.screenshot(path=SHOTS / "06-mlflow-run.png", full_page=True)
 
 
