@@ -82,6 +82,31 @@ class DataRefreshParams(BaseModel):
     mlflow_experiment: str = Field(default="data-refresh", description="MLflow experiment name.")
 
 
+def chained_index_stage(
+    runner: pt.Runner, stage: str, config: Any, datasets: dict[str, pt.Output], workdir: Path
+) -> list[pt.Output]:
+    """A stage with a persistent index (boilerplate counts, dedup), snapshot by snapshot, oldest
+    first, each against the index of all before: a snapshot's key chains the previous one's, so
+    redoing an older snapshot redoes the later ones."""
+    outputs: list[pt.Output] = []
+    previous = None
+    for snapshot, dataset in datasets.items():
+        previous = runner.dataset_stage(
+            stage,
+            config,
+            [dataset],
+            workdir / snapshot / stage,
+            snapshot,
+            after=previous,
+            scratch={
+                "index_dir": workdir / f"{stage}-index",
+                "work_dir": workdir / f".{stage}-work" / snapshot,
+            },
+        )
+        outputs.append(previous)
+    return outputs
+
+
 def plan(params: DataRefreshParams, crawl: dict[str, list[str]], runner: pt.Runner) -> dict[str, Any]:
     """Which stage reads what and where each dataset lives; ``runner`` runs it or only inspects it."""
     workdir = Path(params.workdir).resolve()
@@ -95,37 +120,14 @@ def plan(params: DataRefreshParams, crawl: dict[str, list[str]], runner: pt.Runn
         clean[snapshot] = previous
 
     if params.boilerplate is not None:
-        previous = None
-        for snapshot, dataset in clean.items():
-            previous = runner.dataset_stage(
-                "boilerplate",
-                params.boilerplate,
-                [dataset],
-                workdir / snapshot / "boilerplate",
-                snapshot,
-                after=previous,
-                scratch={
-                    "index_dir": workdir / "boilerplate-index",
-                    "work_dir": workdir / ".boilerplate-work" / snapshot,
-                },
+        clean = dict(
+            zip(
+                clean,
+                chained_index_stage(runner, "boilerplate", params.boilerplate, clean, workdir),
+                strict=True,
             )
-            clean[snapshot] = previous
-
-    # Snapshot by snapshot, oldest first, each against the index of all kept before: a snapshot's
-    # key chains the previous one's, so redoing an older snapshot redoes the later ones.
-    documents: list[pt.Output] = []
-    previous = None
-    for snapshot, dataset in clean.items():
-        previous = runner.dataset_stage(
-            "dedup",
-            params.dedup,
-            [dataset],
-            workdir / snapshot / "dedup",
-            snapshot,
-            after=previous,
-            scratch={"index_dir": workdir / "dedup-index", "work_dir": workdir / ".dedup-work" / snapshot},
         )
-        documents.append(previous)
+    documents = chained_index_stage(runner, "dedup", params.dedup, clean, workdir)
 
     outputs: dict[str, Any] = {"documents": [str(d.path) for d in documents]}
     if params.build_training_data and any(runner.document_count(d) for d in documents):
