@@ -9,6 +9,7 @@ pretrain train / evaluate                                                the tra
 pretrain up / down / status                                              local servers
 pretrain export --checkpoint DIR --out DIR                               Hugging Face folder
 pretrain lineage CHECKPOINT_OR_RUN                                       crawl -> ... -> version
+pretrain ablation --recipe NAME=overrides.yaml --recipe ...             proxy model per data recipe
 """
 
 from __future__ import annotations
@@ -81,23 +82,28 @@ def _refresh_params(args: argparse.Namespace) -> BaseModel:
         "snapshots": args.snapshot,
         "workdir": args.workdir,
         "max_files": args.max_files,
+        "lock_wait_s": getattr(args, "lock_wait", None),
     }
     return load_params(DataRefreshParams, args.config, overrides)
 
 
 def cmd_data_refresh(args: argparse.Namespace) -> int:
     from flows.data_refresh import crawl_files, data_refresh
+    from tasks import storage, workdir_lock
     from tasks.dataset import resolve_version
     from tasks.prefect_tasks import dask_task_runner
 
     params = _refresh_params(args)
     crawl_files(params)  # bad input: one line naming the cause, before any server starts
+    if storage.is_remote(params.workdir):
+        storage.check_bucket(params.workdir)
     if params.tokenizer_dir:
         resolve_version(params.tokenizer_dir)
     flow_fn = data_refresh
     if args.dask or args.dask_address:
         flow_fn = data_refresh.with_options(task_runner=dask_task_runner(args.dask_address))
-    with prefect_api():
+    # Taken before the server starts (a busy workdir: one line at once); the flow takes it again.
+    with workdir_lock.hold(storage.local_workdir(params.workdir), params.lock_wait_s), prefect_api():
         result = flow_fn(params)
     print(f"outputs: {json.dumps(result['outputs'], indent=2)}")
     print(f"MLflow run: {result['mlflow_run_id']}")
@@ -125,10 +131,11 @@ def cmd_cache_status(args: argparse.Namespace) -> int:
 def cmd_cache_invalidate(args: argparse.Namespace) -> int:
     from flows.data_refresh import DataRefreshParams
     from tasks import prefect_tasks as pt
-    from tasks import registry
+    from tasks import registry, workdir_lock
 
     workdir = Path(args.workdir or DataRefreshParams().workdir)
-    removed = pt.invalidate(workdir, args.stage)
+    with workdir_lock.hold(workdir):  # never under a running refresh
+        removed = pt.invalidate(workdir, args.stage)
     stages = ", ".join(registry.stages_from(args.stage))
     print(f"forgot {len(removed)} done record(s) under {workdir}: the next refresh runs {stages} again")
     return 0
@@ -178,6 +185,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from flows.data_refresh import DataRefreshParams, data_refresh
     from flows.pretrain import PretrainParams, pretrain
     from infra import local
+    from tasks import workdir_lock
     from tasks.launchers import LocalLauncher
     from tasks.tracking import tracking_uri
 
@@ -188,7 +196,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
             f"running against the local platform: Prefect {platform.prefect_ui_url}, MLflow {platform.mlflow_url}"
         )
     on_gpu = torch.cuda.is_available()
-    overrides: dict[str, Any] = {"crawl": args.crawl, "workdir": args.workdir}
+    overrides: dict[str, Any] = {"crawl": args.crawl, "workdir": args.workdir, "lock_wait_s": args.lock_wait}
     cpu_demo = not on_gpu and not args.config
     if cpu_demo:
         # Measured on 2 cores (issue 11 item 7): 256-token windows, a 4096-token vocabulary (the output
@@ -198,6 +206,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         overrides["tokenizer"] = {"vocab_size": 4096}
     data_params = load_params(DataRefreshParams, args.config, overrides)
     workdir = Path(data_params.workdir).resolve()
+    # A busy workdir: one line now, not after a server start. The refresh flow holds it while it
+    # runs; training reads published versions and runs beside later refreshes.
+    workdir_lock.wait_free(workdir, data_params.lock_wait_s)
     with prefect_api():
         refreshed = data_refresh(data_params)
         print(f"data: {json.dumps(refreshed['outputs'], indent=2)}")
@@ -265,6 +276,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if all(s.healthy for s in services.values()) else 1
 
 
+def cmd_classifier_train(args: argparse.Namespace) -> int:
+    from flows.train_classifier import TrainClassifierParams, train_classifier
+    from tasks.train_classifier import TrainClassifierConfig
+
+    overrides = {
+        "positive": args.positive,
+        "negative": args.negative,
+        "output": args.output,
+        "workdir": args.workdir,
+    }
+    params = load_params(TrainClassifierParams, args.config, overrides)
+    given = {k: v for k, v in {"name": args.name, "seed": args.seed}.items() if v is not None}
+    params.train = TrainClassifierConfig.model_validate({**params.train.model_dump(), **given})
+    with prefect_api():
+        result = train_classifier(params)
+    _print_json({k: result["manifest"][k] for k in ("name", "model_sha256", "training_data", "heldout")})
+    print(f"model: {result['model_dir']}\nMLflow run: {result['mlflow_run_id']}")
+    return 0
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     from tasks.pack import trace
 
@@ -320,6 +351,53 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_thresholds_derive(args: argparse.Namespace) -> int:
+    from tasks import thresholds as th
+    from tasks.atomic import atomic_write_text
+    from tasks.quality import QualityConfig
+
+    config = load_params(QualityConfig, args.config, {})
+    scores = [th.ScoreRule.parse(spec) for spec in args.score or []]
+    derived = th.derive(args.dataset, config, args.reference, args.min_docs, scores, args.host, args.min_tail)
+    run = th.dry_run(args.dataset, config, th.apply(config, derived.content))
+    report = th.report_markdown(derived, run)
+    if args.dry_run:
+        print(report)
+        return 0
+    path = th.write_thresholds(derived, args.out)
+    atomic_write_text(path.with_suffix(".report.md"), report)
+    print(report)
+    print(f"wrote {path} (set quality.thresholds_file to use it) and {path.with_suffix('.report.md')}")
+    return 0
+
+
+def cmd_ablation(args: argparse.Namespace) -> int:
+    from flows.ablation import AblationParams, ablation
+    from flows.data_refresh import crawl_files
+    from tasks.ablation import recipe_params
+
+    overrides = {"name": args.name, "workdir": args.workdir, "tokens": args.tokens}
+    params = load_params(AblationParams, args.config, overrides)
+    if args.recipe:  # NAME or NAME=overrides.yaml; they replace the config's recipes
+        recipes = []
+        for spec in args.recipe:
+            name, _, file = spec.partition("=")
+            changes = (yaml.safe_load(Path(file).read_text()) or {}) if file else {}
+            recipes.append({"name": name, "overrides": changes})
+        params = AblationParams.model_validate({**params.model_dump(), "recipes": recipes})
+    try:  # bad input: one line naming the cause, before any server starts
+        for refresh in recipe_params(params.base, params.recipes, Path(params.workdir)).values():
+            crawl_files(refresh)
+    except ValueError as exc:
+        print(f"pretrain ablation: {exc}", file=sys.stderr)
+        return 2
+    with prefect_api():
+        rows = ablation(params)
+    for row in rows:
+        print(f"{row['run']:<24} held-out bpb {row['eval_bpb']:.4f} ({row['delta_bpb']:+.4f} vs baseline)")
+    return 0
+
+
 def cmd_lineage(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
@@ -340,6 +418,9 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 1 if result.mismatches else 0
 
 
+LOCK_WAIT_HELP = "when another refresh writes the workdir, wait up to this many seconds (default: 0)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain", description="pretrain-factory: crawl to base model.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -354,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-files", type=int, help="at most this many crawl files per snapshot")
     p.add_argument("--dask", action="store_true", help="run tasks on a local Dask cluster")
     p.add_argument("--dask-address", help="run tasks on this Dask scheduler (tcp://host:8786)")
+    p.add_argument("--lock-wait", type=float, help=LOCK_WAIT_HELP)
     p.set_defaults(func=cmd_data_refresh)
 
     from tasks.registry import STAGES, file_stages
@@ -386,6 +468,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="output directory (default: workdir)")
     p.set_defaults(func=cmd_cache_invalidate)
 
+    p = sub.add_parser("classifier", help="fastText classifiers for the classifier stage")
+    classifier = p.add_subparsers(dest="classifier_command", required=True)
+    p = classifier.add_parser("train", help="train one from positive and negative data; log it to MLflow")
+    p.add_argument("--positive", help="dataset dir, Parquet or JSONL with a text column (curated pages)")
+    p.add_argument("--negative", help="the same for negative examples (random crawl pages)")
+    p.add_argument("--output", help="model directory (default: WORKDIR/classifiers/NAME)")
+    p.add_argument("--workdir", help="default: workdir (models, embedded MLflow)")
+    p.add_argument("--name", help="label name (default: quality): column NAME_score")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--config", help="YAML file with TrainClassifierParams")
+    p.set_defaults(func=cmd_classifier_train)
+
     p = sub.add_parser("trace", help="list the source documents of one packed training sequence")
     p.add_argument("--data", required=True, help="packed data directory")
     p.add_argument("--shard", type=int, required=True)
@@ -415,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="model preset")
     p.add_argument("--max-steps", type=int, default=400)
     p.add_argument("--home", help="local platform to run against when it is up (default: $PRETRAIN_HOME)")
+    p.add_argument("--lock-wait", type=float, help=LOCK_WAIT_HELP)
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("train", help="run the pretrain flow (submit, follow, evaluate checkpoints)")
@@ -440,6 +535,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow (default: the run's, then $MLFLOW_TRACKING_URI)")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("ablation", help="train the same proxy on each data recipe, compare them in MLflow")
+    p.add_argument("--config", help="YAML file with AblationParams (base, recipes, tokens, train, eval)")
+    p.add_argument(
+        "--recipe",
+        action="append",
+        metavar="NAME[=OVERRIDES.yaml]",
+        help="a recipe: its data-refresh overrides (repeatable, 2+; the first is the baseline)",
+    )
+    p.add_argument("--name", help="parent MLflow run name (default: ablation)")
+    p.add_argument("--workdir", help="default: workdir/ablation")
+    p.add_argument("--tokens", type=int, help="training tokens per proxy")
+    p.set_defaults(func=cmd_ablation)
+
     p = sub.add_parser("lineage", help="crawl files -> datasets -> training run -> checkpoint -> version")
     p.add_argument(
         "target", help="checkpoint or run directory, models:/NAME/VERSION, models:/NAME@ALIAS, run id"
@@ -447,6 +555,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow (default: the run's, then $MLFLOW_TRACKING_URI)")
     p.add_argument("--json", action="store_true", help="print the links as JSON")
     p.set_defaults(func=cmd_lineage)
+
+    p = sub.add_parser("thresholds", help="per-language filter thresholds derived from data")
+    thresholds = p.add_subparsers(dest="thresholds_command", required=True)
+    p = thresholds.add_parser(
+        "derive", help="match each language's filter statistics to the reference's (tasks/thresholds.py)"
+    )
+    p.add_argument("--dataset", action="append", required=True, help="langid output (with lang); repeatable")
+    p.add_argument("--reference", default="en", help="the language whose thresholds are matched")
+    p.add_argument("--out", required=True, help="JSON file for quality.thresholds_file (and .report.md)")
+    p.add_argument("--config", help="YAML file with the current QualityConfig (default: the defaults)")
+    p.add_argument("--min-docs", type=int, default=50, help="fewer documents: a language keeps its values")
+    p.add_argument("--host", action="append", help="match on this host's documents only (repeatable)")
+    p.add_argument("--min-tail", type=int, default=5, help="fewer documents beyond a cut: no derived value")
+    p.add_argument("--score", action="append", help="score column COLUMN:THRESHOLD[:below|above], repeatable")
+    p.add_argument("--dry-run", action="store_true", help="print what would be dropped; write nothing")
+    p.set_defaults(func=cmd_thresholds_derive)
 
     for name, func, text in (
         ("up", cmd_up, "start Prefect server, worker and MLflow on loopback; apply deployments"),
@@ -473,12 +597,22 @@ def user_error(exc: Exception) -> str | None:
     from pydantic import ValidationError
 
     from tasks.ingest import CrawlInputError
+    from tasks.thresholds import DerivationError
+    from tasks.workdir_lock import WorkdirBusy
 
     if isinstance(exc, ValidationError):
         return "invalid parameters: " + "; ".join(
             f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
         )
-    if isinstance(exc, CrawlInputError | FileNotFoundError | ConnectionError | yaml.YAMLError):
+    if isinstance(
+        exc,
+        CrawlInputError
+        | DerivationError
+        | WorkdirBusy
+        | FileNotFoundError
+        | ConnectionError
+        | yaml.YAMLError,
+    ):
         return " ".join(str(exc).split())
     return None
 

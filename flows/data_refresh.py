@@ -17,7 +17,10 @@ from pydantic import BaseModel, Field
 
 from tasks import dataset as ds
 from tasks import prefect_tasks as pt
+from tasks import storage, workdir_lock
+from tasks.audit import AuditConfig, publish_audits
 from tasks.boilerplate import BoilerplateConfig
+from tasks.classifier import ClassifierConfig
 from tasks.dedup import DedupConfig
 from tasks.ingest import IngestConfig, resolve_crawl
 from tasks.langid import LangIdConfig
@@ -57,6 +60,11 @@ class DataRefreshParams(BaseModel):
         default_factory=LangIdConfig, description="fastText language identification."
     )
     quality: QualityConfig = Field(default_factory=QualityConfig, description="Gopher, C4, FineWeb rules.")
+    classifier: ClassifierConfig | None = Field(
+        default=None,
+        description="fastText classifiers after quality (e.g. `{models: [{path: workdir/classifiers/quality}]}`, "
+        "a model from `pretrain classifier train`): a score column each, per-language thresholds. Empty: off.",
+    )
     pii: PiiConfig = Field(default_factory=PiiConfig, description="Scrubbing emails, IP addresses, phones.")
     boilerplate: BoilerplateConfig | None = Field(
         default=None,
@@ -64,6 +72,11 @@ class DataRefreshParams(BaseModel):
         "corpus's pages), with counts kept across refreshes. Empty: off.",
     )
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and MinHash near-dedup.")
+    audit: AuditConfig = Field(
+        default_factory=AuditConfig,
+        description="Samples of kept and dropped documents per rule and language of the filtering stages, "
+        "for people to check (Prefect Markdown artifacts, MLflow `audit/`).",
+    )
     build_training_data: bool = Field(
         default=True, description="Also train the tokenizer and pack token shards for training."
     )
@@ -80,6 +93,12 @@ class DataRefreshParams(BaseModel):
         description="MLflow tracking server. Empty: $MLFLOW_TRACKING_URI, else SQLite in the workdir.",
     )
     mlflow_experiment: str = Field(default="data-refresh", description="MLflow experiment name.")
+    lock_wait_s: float = Field(
+        default=0,
+        ge=0,
+        description="One refresh writes a workdir at a time: when another holds it, wait up to this many "
+        "seconds, then stop with a message naming the holder. 0: stop at once.",
+    )
 
 
 def chained_index_stage(
@@ -109,11 +128,13 @@ def chained_index_stage(
 
 def plan(params: DataRefreshParams, crawl: dict[str, list[str]], runner: pt.Runner) -> dict[str, Any]:
     """Which stage reads what and where each dataset lives; ``runner`` runs it or only inspects it."""
-    workdir = Path(params.workdir).resolve()
+    workdir = storage.local_workdir(params.workdir)  # on object storage: its local staging copy
     clean = {}
     for snapshot, files in crawl.items():
         previous = runner.shard_stage("ingest", params.ingest, files, workdir / snapshot / "ingest", snapshot)
-        for stage in ("langid", "quality", "pii"):
+        for stage in ("langid", "quality", "classifier", "pii"):
+            if getattr(params, stage) is None:  # an opt-in stage left off
+                continue
             previous = runner.shard_stage(
                 stage, getattr(params, stage), previous, workdir / snapshot / stage, snapshot
             )
@@ -163,6 +184,8 @@ def crawl_files(params: DataRefreshParams) -> dict[str, list[str]]:
 def cache_status(params: DataRefreshParams) -> pt.StatusRunner:
     """Which stages a refresh with ``params`` would redo, and why, without running anything."""
     status = pt.StatusRunner()
+    if storage.is_remote(params.workdir):
+        storage.Mirror(params.workdir).pull()
     plan(params, crawl_files(params), status)
     return status
 
@@ -170,14 +193,31 @@ def cache_status(params: DataRefreshParams) -> pt.StatusRunner:
 @flow(name="data-refresh", log_prints=True, task_runner=pt.default_task_runner())
 def data_refresh(params: DataRefreshParams = DataRefreshParams()) -> dict:  # noqa: B008 (the UI form's defaults)
     """Ingest, label, filter, scrub and deduplicate each snapshot; then build training data."""
+    from prefect.runtime import flow_run
+
+    # Held by this process, the flow's; its tasks (process pool, Dask) never take it.
+    with workdir_lock.hold(storage.local_workdir(params.workdir), params.lock_wait_s, flow_run=flow_run.id):
+        return refresh(params)
+
+
+def refresh(params: DataRefreshParams) -> dict:
+    """The data refresh's steps, run by the flow while it holds the workdir."""
     crawl = crawl_files(params)
     get_run_logger().info(
-        "data refresh of %s: snapshots %s into %s", params.crawl, list(crawl), Path(params.workdir).resolve()
+        "data refresh of %s: snapshots %s into %s",
+        params.crawl,
+        list(crawl),
+        params.workdir if storage.is_remote(params.workdir) else Path(params.workdir).resolve(),
     )
     report = pt.RefreshReport()
-    outputs = plan(params, crawl, pt.PrefectRunner(report))
+    # A workdir on object storage: pull its committed state, publish each stage as it completes.
+    mirror = storage.Mirror(params.workdir) if storage.is_remote(params.workdir) else None
+    if mirror is not None:
+        mirror.pull()
+    outputs = plan(params, crawl, pt.PrefectRunner(report, mirror))
     report.publish()
     mlflow_uri, mlflow_run = pt.log_refresh_to_mlflow(params, report)
+    publish_audits(report.datasets, params.audit, mlflow_uri, mlflow_run)
     print(report.format_table())
     return {
         "outputs": outputs,

@@ -38,6 +38,7 @@ from tasks.launchers import (
 )
 from tasks.plan import plan_for_run, plan_markdown
 from tasks.prefect_artifacts import artifact_key
+from tasks.run_health import EvalRegressionWatch, RunHealthConfig, emit
 from tasks.tracking import flat_params, tracking_uri
 from tasks.training_job import TrainResult, new_checkpoints, train
 
@@ -61,7 +62,8 @@ class PretrainParams(BaseModel):
     )
     eval: EvalConfig = Field(
         default_factory=lambda: EvalConfig(threads=4),
-        description="Evaluation of each new checkpoint (it runs beside the training job).",
+        description="Evaluation of each new checkpoint: on the training ranks between steps (GPU runs) "
+        "or in a process beside the training job (on_training_ranks).",
     )
     checkpoint_poll_s: float = Field(
         5.0, gt=0, description="How often to look for a new checkpoint to evaluate."
@@ -71,6 +73,10 @@ class PretrainParams(BaseModel):
         "H200", description="GPU kind for the compute plan shown when a GPU run starts (H200, H100, A100)."
     )
     retries: int = Field(2, ge=0, description="Training task retries; each resumes from the last checkpoint.")
+    run_health: RunHealthConfig = Field(
+        default_factory=RunHealthConfig,
+        description="When the run-health Prefect events (stall, throughput drop, eval regression) fire.",
+    )
     mlflow_tracking_uri: str | None = Field(
         None, description="MLflow tracking server. Empty: $MLFLOW_TRACKING_URI, else SQLite in runs_root."
     )
@@ -145,6 +151,9 @@ def pretrain(params: PretrainParams) -> PretrainResult:
             run_id=run_id,
             system_metrics_s=params.mlflow_system_metrics_s,
         ),
+        eval=ev.training_eval_config(
+            params.eval, run_dir, data.packed_dir, logger, launcher_gpus(params.launcher)
+        ),
     )
     write_run_config(job, config.model_dump(mode="json"))
     what = f"the {params.train.model} model for {params.train.max_steps} steps"
@@ -162,19 +171,23 @@ def pretrain(params: PretrainParams) -> PretrainResult:
 
     model_name = params.registered_model or params.run_name
     with jobs_stopped_on_exit():
-        training = train.with_options(retries=params.retries).submit(job, params.launcher)
+        training = train.with_options(retries=params.retries).submit(job, params.launcher, params.run_health)
         evals = []
+        regression = EvalRegressionWatch(params.run_health.regression_evals)
         for checkpoint in new_checkpoints(
             run_dir.checkpoint_dir, lambda: training.state.is_final(), params.checkpoint_poll_s
         ):
             state = ev.evaluate(
-                str(checkpoint), params.eval, tracking_uri=uri, mlflow_run_id=run_id, return_state=True
-            )
+                str(checkpoint), params.eval, tracking_uri=uri, mlflow_run_id=run_id,
+                from_training_ranks=config.eval is not None, return_state=True,
+            )  # fmt: skip
             if not state.is_completed():  # e.g. the trainer rotated the checkpoint away mid-read
                 logger.warning("eval of %s did not complete: %s", checkpoint, state.message)
                 continue
             result = state.result()
             evals.append(result)
+            if found := regression.observe(result.step, result.bpb):
+                emit(found, params.run_name, logger)
             try:
                 registered = rt.register_checkpoint(
                     client, run_id, result.step, checkpoint, result.metrics,

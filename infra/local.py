@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import psutil
+import yaml
 
 from tasks.atomic import atomic_write_json, atomic_write_text
 
@@ -208,7 +209,8 @@ def up(
 
     if deploy:
         apply_deployments(platform, timeout=3 * timeout)  # imports every flow module (torch and all)
-        echo("deployments applied from deployment.yaml")
+        names = apply_automations(platform.prefect_api_url, auth_headers(platform, "prefect"))
+        echo(f"deployments and automations ({', '.join(names)}) applied from deployment.yaml")
     echo(f"Prefect UI: {platform.prefect_ui_url}")
     echo(f"MLflow UI:  {platform.mlflow_url}")
     return platform
@@ -293,6 +295,28 @@ def apply_deployments(platform: Platform, *, timeout: float = 120.0) -> None:
         )
 
 
+def apply_automations(
+    api_url: str, headers: dict[str, str] | None = None, spec: Path = REPO / "deployment.yaml"
+) -> list[str]:
+    """Create the automations of `spec`'s `automations:` section, or update those that exist by
+    name (so applying twice leaves one of each); their names. `prefect deploy` does not read them."""
+    from prefect.events.schemas.automations import AutomationCore
+
+    wanted = [
+        AutomationCore.model_validate(a) for a in yaml.safe_load(spec.read_text()).get("automations") or []
+    ]
+    with httpx.Client(base_url=api_url, headers=headers or {}, timeout=60.0) as client:
+        found = client.post("/automations/filter", json={}).raise_for_status().json()
+        existing = {a["name"]: a["id"] for a in found}
+        for automation in wanted:
+            body = automation.model_dump(mode="json", exclude={"owner_resource"})  # not updatable
+            if automation.name in existing:
+                client.put(f"/automations/{existing[automation.name]}", json=body).raise_for_status()
+            else:
+                client.post("/automations/", json=body).raise_for_status()
+    return [a.name for a in wanted]
+
+
 # --- services ---------------------------------------------------------------------------------------
 
 
@@ -321,10 +345,18 @@ def _service_specs(platform: Platform) -> dict[str, ServiceSpec]:
         "PREFECT_UI_API_URL": platform.prefect_api_url,
         # The recent-deployments scheduler picks up a new schedule within seconds; this loop is the backstop.
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "30",
+        # Concurrency-slot leases on disk: a server restart must not lose a running job's slot.
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
     }
     if platform.auth:
         prefect_server_env["PREFECT_SERVER_API_AUTH_STRING"] = os.environ["PREFECT_API_AUTH_STRING"]
-    worker_env = {**base, **prefect_client, "PREFECT_WORKER_QUERY_SECONDS": "3"}
+    # Client retries that outlast a server restart (the default 5 cover about a minute).
+    worker_env = {
+        **base,
+        **prefect_client,
+        "PREFECT_WORKER_QUERY_SECONDS": "3",
+        "PREFECT_CLIENT_MAX_RETRIES": "8",
+    }
     mlflow_env = {**base, **mlflow_server, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     backend_store, artifacts = platform.mlflow_stores
     mlflow_argv = [

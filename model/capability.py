@@ -29,11 +29,13 @@ by the choice's length in characters (lm-eval's ``completion_len``; bytes only d
 One deviation: every context starts with ``prefix_id`` when given (our end-of-text: documents follow
 it in training), where lm-eval adds a prefix token only to empty contexts.
 
-API (``model/evaluate.py`` uses these; ``tasks/build_eval_tasks.py`` writes our own two tasks):
+API (``model/evaluate.py`` uses these; ``tasks/build_eval_tasks.py`` writes our own three tasks):
 
 - ``load_tasks(folder) -> list[Task]``: every ``*.yaml`` below ``folder`` that defines a task (group
   files and include-only bases are skipped), sorted by name.
 - ``evaluate_tasks(model, tokenizer, tasks, prefix_id=, batch_tokens=, limit=) -> {name: TaskResult}``.
+- ``target_nll(logits, targets)``: per-position NLL and argmax hit without an fp32 copy of the logits
+  (the validation scoring uses it too).
 - ``task_metrics(results) -> {"task/<name>/acc": ..., "task/<name>/acc_norm": ...}`` for MLflow.
 """
 
@@ -55,6 +57,7 @@ import yaml
 from jinja2 import StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
 from tokenizers import Tokenizer
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model.model import Transformer
 
@@ -327,13 +330,37 @@ def encode_requests(
     return requests
 
 
+NLL_CHUNK_TOKENS = 8192  # positions whose logits are upcast to fp32 at a time
+WIDTH_STEP = 64  # batch widths are rounded up to a multiple of this: few distinct shapes to run
+# Not cuDNN attention for the tasks' many widths: it builds a plan per shape (tens of ms each on an H200).
+TASK_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def target_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position: the fp32 negative log-likelihood of the target and whether it is the argmax.
+
+    The logits stay in the model's dtype (bf16 on a GPU); each chunk of ``NLL_CHUNK_TOKENS`` positions is
+    upcast on its own, so no fp32 copy of the whole [positions, vocabulary] tensor (8.6 GB for 64k
+    tokens of a 32k vocabulary) is ever made, and only the target's log-probability is kept.
+    """
+    flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    nll = torch.empty(flat_targets.shape, dtype=torch.float32, device=logits.device)
+    correct = torch.empty(flat_targets.shape, dtype=torch.bool, device=logits.device)
+    for a in range(0, len(flat_targets), NLL_CHUNK_TOKENS):
+        chunk, wanted = flat[a : a + NLL_CHUNK_TOKENS].float(), flat_targets[a : a + NLL_CHUNK_TOKENS]
+        nll[a : a + len(wanted)] = chunk.logsumexp(-1) - chunk.gather(-1, wanted[:, None]).squeeze(-1)
+        correct[a : a + len(wanted)] = chunk.argmax(-1) == wanted
+    return nll.view(targets.shape), correct.view(targets.shape)
+
+
 @torch.no_grad()
 def loglikelihoods(
     model: Transformer, requests: list[tuple[list[int], list[int]]], batch_tokens: int = 16384
 ) -> list[tuple[float, bool]]:
     """Per (context, continuation) ids: the summed log-probability of the continuation and whether it
     is the greedy continuation. Rows are sorted by length and right-padded into batches of at most
-    ``batch_tokens`` tokens; one forward per batch."""
+    ``batch_tokens`` tokens, widths rounded up to ``WIDTH_STEP``; one forward per batch, and the host
+    waits for the device once, at the end."""
     max_len = model.cfg.max_seq_len
     rows = []
     for context, continuation in requests:
@@ -342,23 +369,28 @@ def loglikelihoods(
         rows.append(((context + continuation)[-(max_len + 1) :], min(len(continuation), max_len)))
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     device = model.rope_cos.device
-    results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+    scores, greedy = [], []
     start = 0
-    while start < len(order):
-        width = len(rows[order[start]][0]) - 1
-        batch = order[start : start + max(1, batch_tokens // width)]
-        tokens = torch.zeros(len(batch), width, dtype=torch.long)
-        for j, i in enumerate(batch):
-            tokens[j, : len(rows[i][0]) - 1] = torch.tensor(rows[i][0][:-1])
-        logits = model(tokens.to(device))
-        for j, i in enumerate(batch):
-            ids, n = rows[i]
-            end = len(ids) - 1
-            logprobs = logits[j, end - n : end].float().log_softmax(-1)
-            targets = torch.tensor(ids[-n:], device=device)
-            ll = logprobs.gather(-1, targets[:, None]).sum()
-            results[i] = (float(ll), bool((logprobs.argmax(-1) == targets).all()))
-        start += len(batch)
+    with sdpa_kernel(TASK_KERNELS):
+        while start < len(order):
+            width = min(-(-(len(rows[order[start]][0]) - 1) // WIDTH_STEP) * WIDTH_STEP, max_len)
+            batch = order[start : start + max(1, batch_tokens // width)]
+            tokens = torch.zeros(len(batch), width + 1, dtype=torch.long)
+            scored = torch.zeros(len(batch), width, dtype=torch.bool)  # the continuation's targets
+            for j, i in enumerate(batch):
+                ids, n = rows[i]
+                tokens[j, : len(ids)] = torch.tensor(ids)
+                scored[j, len(ids) - 1 - n : len(ids) - 1] = True
+            tokens, scored = tokens.to(device), scored.to(device)
+            nll, correct = target_nll(model(tokens[:, :-1]), tokens[:, 1:])
+            scores.append(-(nll * scored).sum(-1))
+            greedy.append((correct | ~scored).all(-1))
+            start += len(batch)
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+    if order:
+        ordered = zip(order, torch.cat(scores).tolist(), torch.cat(greedy).tolist(), strict=True)
+        for i, ll, hit in ordered:
+            results[i] = (ll, hit)
     return results
 
 

@@ -9,7 +9,8 @@ Layout under the checkpoint dir::
     step-130.tmp/        a save in progress or killed mid-way: ignored and deleted on the next start
 
 A save goes to ``step-N.tmp``; once every rank has written, rank 0 writes the marker and renames the
-directory. Only directories named ``step-N`` holding the marker count.
+directory. Only directories named ``step-N`` holding the marker count. Deleting one (retention, or a
+rollback abandoning the checkpoints after it) renames it to ``step-N.deleted.tmp`` first.
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint so that a kill mid-way never leaves a torn one that looks complete: first
+    one rename out of the ``step-N`` namespace (a name the next start deletes), then the files."""
+    doomed = checkpoint.with_name(f"{checkpoint.name}.deleted.tmp")
+    os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed)
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     found = complete_checkpoints(root)
     return found[-1][1] if found else None
@@ -84,14 +93,25 @@ class Checkpointer:
     which must not be driven from two threads), so training goes on while the files are written. The
     checkpoint becomes complete (marker + rename) in ``finish``, which the trainer calls as soon as
     every rank's write is done, or before the next save, a rollback or the end of the run.
+
+    Retention keeps the newest ``keep`` checkpoints and the newest one at least ``keep_steps_before``
+    steps older than the newest: the one a loss-spike recovery rolls back to (``model/health.py``).
     """
 
     WRITER_THREADS = 8  # per rank: one thread leaves a fast filesystem mostly idle
 
     def __init__(
-        self, root: Path, keep: int, rank: int, world_size: int, *, asynchronous: bool = False
+        self,
+        root: Path,
+        keep: int,
+        rank: int,
+        world_size: int,
+        *,
+        asynchronous: bool = False,
+        keep_steps_before: int = 0,
     ) -> None:
         self.root, self.keep, self.rank, self.world_size = Path(root), keep, rank, world_size
+        self.keep_steps_before = keep_steps_before
         self.asynchronous = asynchronous
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -166,14 +186,34 @@ class Checkpointer:
                 f.flush()
                 os.fsync(f.fileno())
             _fsync_dir(tmp)
-            if final.exists():  # a re-save of the same step (after a rollback): replace it
-                shutil.rmtree(final)
+            if final.exists():  # a re-save of a step already on disk: replace it
+                _remove(final)
             os.replace(tmp, final)
             _fsync_dir(self.root)
-            for _, old in complete_checkpoints(self.root)[: -self.keep]:
-                shutil.rmtree(old)
+            self._delete_old()
         dist.barrier()
         return Saved(pending.step, final, pending.blocked_s, time.perf_counter() - pending.started)
+
+    def _delete_old(self) -> None:
+        """Keep the newest ``keep`` checkpoints, and the newest one at least ``keep_steps_before``
+        steps older than the newest: where a spike recovery rolls back to."""
+        found = complete_checkpoints(self.root)
+        kept = {step for step, _ in found[-self.keep :]}
+        if found:
+            older = [step for step, _ in found if step <= found[-1][0] - self.keep_steps_before]
+            kept.update(older[-1:])
+        for step, path in found:
+            if step not in kept:
+                _remove(path)
+
+    def discard_after(self, step: int) -> None:
+        """Delete the checkpoints of steps after ``step``: a rollback to ``step`` abandoned them."""
+        if self.rank == 0:
+            for later, path in complete_checkpoints(self.root):
+                if later > step:
+                    _remove(path)
+            _fsync_dir(self.root)
+        dist.barrier()
 
     def close(self) -> None:
         """Free the pinned staging buffers (after the last ``finish``); a later save makes new ones."""

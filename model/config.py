@@ -36,10 +36,38 @@ class HealthConfig(_Strict):
     spike_window: int = Field(50, ge=2, description="losses in the z-score window")
     spike_min_history: int = Field(10, ge=2, description="no spike check before this many losses")
     spike_zscore: float = Field(6.0, gt=0, description="loss above mean + z * std is a spike")
-    max_rollbacks: int = Field(5, ge=0, description="give up (fail the run) after this many rollbacks")
+    rollback_min_steps_before: int = Field(
+        100,
+        ge=0,
+        description="a spike rolls back to the newest checkpoint at least this many steps before it "
+        "(one saved inside the spike window can hold the damage); retention always keeps one",
+    )
+    skip_batches: int = Field(
+        0,
+        ge=0,
+        description="batches skipped after the checkpoint rolled back to; at least all of them up to "
+        "and including the spike's",
+    )
+    recovery_lr_factor: float = Field(
+        1.0, gt=0, le=1, description="after a rollback, train recovery_lr_steps steps at lr times this"
+    )
+    recovery_lr_steps: int = Field(0, ge=0, description="steps of lowered lr after a rollback; 0: none")
+    max_recoveries: int = Field(
+        3,
+        ge=0,
+        description="give up (fail the run) on a spike when this many rollbacks were for spikes "
+        "within recovery_window_steps steps of it",
+    )
+    recovery_window_steps: int = Field(1000, ge=1, description="the window max_recoveries counts in")
     debug_inject_nan_at_step: int | None = Field(None, description="test hook: that step's loss becomes NaN")
     debug_inject_spike_at_step: int | None = Field(None, description="test hook: that step's loss is scaled")
-    debug_spike_factor: float = 20.0
+    debug_spike_factor: float = Field(20.0, description="test hook: the scale of the injected spike")
+    debug_lr_blowup_data_steps: tuple[int, int] | None = Field(
+        None,
+        description="test hook: batches with these data steps (first, last) are poisoned: their "
+        "updates use lr times debug_lr_blowup_factor, and the loss spikes on the steps after",
+    )
+    debug_lr_blowup_factor: float = Field(100.0, gt=0, description="test hook: the poisoned lr factor")
 
 
 class MlflowConfig(_Strict):
@@ -69,7 +97,7 @@ class TrainSettings(_Strict):
         default_factory=OptimConfig, description="AdamW and the learning-rate schedule"
     )
     health: HealthConfig = Field(
-        default_factory=HealthConfig, description="loss-spike detection and rollback"
+        default_factory=HealthConfig, description="loss-spike detection and recovery"
     )
     log_interval: int = Field(10, ge=1, description="steps between host syncs of the metrics")
     checkpoint_interval: int = Field(
@@ -114,12 +142,59 @@ class TrainSettings(_Strict):
         return model_config(self.model, **{**fields, **self.model_overrides})
 
 
+class EvalConfig(BaseModel):
+    """How much of the validation split an eval reads, and where it runs (model/evaluate.py)."""
+
+    max_tokens: int = Field(
+        1_000_000, ge=1, description="Predicted tokens of the uniform validation sample (all if fewer)."
+    )
+    min_windows_per_slice: int = Field(
+        2,
+        ge=0,
+        description="Windows every language x source slice gets at least, so small ones are measured.",
+    )
+    seed: int = Field(0, description="Seed of the window sample: the same data gives the same sample.")
+    batch_tokens: int = Field(
+        0, ge=0, description="Tokens per forward pass; 0: 65536 on GPU (fills an H100/H200), 4096 on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the GPU when there is one.")
+    threads: int | None = Field(None, ge=1, description="CPU threads (an eval beside a training job).")
+    on_training_ranks: bool | None = Field(
+        None,
+        description="Evaluate each checkpoint of a training run on the training ranks between steps (the "
+        "weights in memory: no process start, no load) instead of in a process of its own beside the "
+        "job; empty: on the ranks when they are GPUs (benchmarks/RESULTS.md).",
+    )
+    compile: bool | None = Field(
+        None,
+        description="torch.compile the forward over validation windows (one fixed shape, built once per "
+        "process: 10-30 s); empty: on the training ranks on a GPU, where it is reused at every checkpoint.",
+    )
+    tasks_and_samples: bool = Field(True, description="Score capability tasks and continue sample prompts.")
+    tasks_dir: Path | None = Field(
+        None,
+        description="Capability tasks in the lm-evaluation-harness layout and the sample prompts "
+        "(prompts.jsonl), as `python -m tasks.build_eval_tasks` writes them; empty: the flows build "
+        "them from the data's validation documents.",
+    )
+    task_limit: int | None = Field(
+        64,
+        ge=1,
+        description="Items scored per task at most (each task's first items: every language in turn); "
+        "empty: all. 64 keeps a 1B eval under 5% of training time on one GPU at the default interval.",
+    )
+    sample_tokens: int = Field(64, ge=1, description="Tokens per sample continuation.")
+
+
 class TrainConfig(TrainSettings):
     """The trainer's whole config: the settings plus where it reads and writes (set by the flow)."""
 
     data_dir: Path = Field(description="packed data: one immutable version, resolved by the flow")
     checkpoint_dir: Path
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    eval: EvalConfig | None = Field(
+        None, description="set when each checkpoint is evaluated on the training ranks (on_training_ranks)"
+    )
 
 
 def load_config(path: str | Path) -> TrainConfig:

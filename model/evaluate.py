@@ -23,6 +23,11 @@ What is measured, and why this way:
 - **Attribution.** A predicted token belongs to the document whose placement holds it (its
   end-of-text included), and so to that document's language and source (``documents.parquet``).
 
+Where it runs: ``evaluate_checkpoint`` loads a checkpoint in a process of its own (``pretrain evaluate``;
+the CPU path); ``TrainingEval`` evaluates the model being trained on its own ranks between steps (the
+trainer's hook when its config has an ``eval``; the GPU path): no process start, no checkpoint read, a
+compiled forward reused at every checkpoint, the windows split over the ranks (benchmarks/RESULTS.md).
+
 With ``EvalConfig.tasks_dir`` (a folder as ``python -m tasks.build_eval_tasks`` writes it) the eval also
 scores its capability tasks (model/capability.py: ``task/<name>/acc``, ``task/<name>/acc_norm``) and
 continues its sample prompts (model/generate.py: ``samples/step-<N>.md``).
@@ -37,7 +42,7 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,15 +50,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from tokenizers import Tokenizer
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from model import capability, generate
 from model import data as packed
 from model.checkpoint import COMPLETE
-from model.config import TrainConfig, load_config
+from model.config import EvalConfig, TrainConfig, load_config
 from model.model import Transformer
 from model.run_dir import RunDir
 
@@ -64,34 +69,6 @@ EMBEDDING_KEY = "model.tok_embeddings.weight"  # in the trainer's DCP checkpoint
 class EvalInputError(ValueError):
     """An input an eval cannot use (incomplete checkpoint, missing data, vocabulary mismatch); the
     message is one line naming the cause."""
-
-
-class EvalConfig(BaseModel):
-    """How much of the validation split an eval reads, and where it runs."""
-
-    max_tokens: int = Field(
-        1_000_000, ge=1, description="Predicted tokens of the uniform validation sample (all if fewer)."
-    )
-    min_windows_per_slice: int = Field(
-        2,
-        ge=0,
-        description="Windows every language x source slice gets at least, so small ones are measured.",
-    )
-    seed: int = Field(0, description="Seed of the window sample: the same data gives the same sample.")
-    batch_tokens: int = Field(
-        0, ge=0, description="Tokens per forward pass; 0: 65536 on GPU (fills an H100/H200), 4096 on CPU."
-    )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the GPU when there is one.")
-    threads: int | None = Field(None, ge=1, description="CPU threads (an eval beside a training job).")
-    tasks_and_samples: bool = Field(True, description="Score capability tasks and continue sample prompts.")
-    tasks_dir: Path | None = Field(
-        None,
-        description="Capability tasks in the lm-evaluation-harness layout and the sample prompts "
-        "(prompts.jsonl), as `python -m tasks.build_eval_tasks` writes them; empty: the flows build "
-        "them from the data's validation documents.",
-    )
-    task_limit: int | None = Field(None, ge=1, description="Items scored per task at most; empty: all.")
-    sample_tokens: int = Field(64, ge=1, description="Tokens per sample continuation.")
 
 
 class Row(BaseModel):
@@ -393,23 +370,28 @@ def score_windows(
     byte_lengths: np.ndarray,
     n_slices: int,
     device: torch.device,
+    batch: int,
 ) -> dict[str, np.ndarray]:
     """Sums per slice over ``windows``: batches of (tokens [B, seq_len + 1], slice id of each target
-    [B, seq_len]). NLL in fp32 from the model's logits; nothing waits for the device until the end."""
-    sums = SliceSums.zeros(n_slices, device)
+    [B, seq_len]), B <= ``batch``. Every forward has the same shape (a short last batch is padded with
+    windows counted in a slice of their own, dropped), so a compiled model or an attention kernel plan
+    is built once. NLL in fp32; nothing waits for the device until the end."""
+    sums = SliceSums.zeros(n_slices + 1, device)  # the last slice collects the padding
     table = torch.from_numpy(byte_lengths).to(device)
     for tokens_np, slice_np in windows:
+        if len(tokens_np) < batch:
+            pad = batch - len(tokens_np)
+            tokens_np = np.concatenate([tokens_np, np.zeros((pad, tokens_np.shape[1]), tokens_np.dtype)])
+            slice_np = np.concatenate([slice_np, np.full((pad, slice_np.shape[1]), n_slices, slice_np.dtype)])
         tokens = torch.from_numpy(tokens_np.astype(np.int64))
         slice_ids = torch.from_numpy(slice_np)
         if device.type == "cuda":
             tokens = tokens.pin_memory().to(device, non_blocking=True)
             slice_ids = slice_ids.pin_memory().to(device, non_blocking=True)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        logits = model(inputs).float()
-        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
-        correct = logits.argmax(-1) == targets
+        nll, correct = capability.target_nll(model(inputs), targets)
         sums.add(slice_ids, nll, correct, table[targets])
-    return sums.numpy()
+    return {name: values[:n_slices] for name, values in sums.numpy().items()}
 
 
 def window_batches(
@@ -545,23 +527,43 @@ def evaluate_model(
     config: EvalConfig,
     device: torch.device,
     started: float | None = None,
-) -> EvalResult:
-    """The metrics of a loaded model (see ``evaluate_checkpoint``), tasks and samples included."""
+    *,
+    forward: torch.nn.Module | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> EvalResult | None:
+    """The metrics of a loaded model (see ``evaluate_checkpoint``), tasks and samples included.
+
+    ``forward``: what runs the validation windows (e.g. the model compiled); default the model, compiled
+    when ``config.compile``. With
+    ``world`` > 1 (a process group of ``world`` ranks, each with the whole model), rank ``rank`` scores
+    every ``world``-th window and the sums are all-reduced; rank 0 then scores the tasks, continues
+    the prompts and returns the result, the other ranks return None at once."""
     started = time.perf_counter() if started is None else started
     info = inputs.info
     window, sequences = info["window"], info["splits"]["validation"]["sequences"]
     slices = validation_slices(inputs.data_dir)
     indices = sample_windows(slices, sequences, window, config)
     batch_tokens = config.batch_tokens or (65536 if device.type == "cuda" else 4096)
-    batch = max(1, batch_tokens // info["seq_len"])
-    byte_lengths = token_byte_lengths(inputs.tokenizer, inputs.vocab_size)
+    batch = max(1, min(batch_tokens // info["seq_len"], -(-len(indices) // world)))
+    if forward is None:
+        forward = torch.compile(model, dynamic=False) if config.compile else model
     sums = score_windows(
-        model,
-        window_batches(inputs.data_dir, info, indices, slices, batch),
-        byte_lengths,
+        forward,
+        window_batches(inputs.data_dir, info, indices[rank::world], slices, batch),
+        token_byte_lengths(inputs.tokenizer, inputs.vocab_size),
         len(slices.names),
         device,
+        batch,
     )
+    if world > 1:
+        import torch.distributed as dist
+
+        stacked = torch.from_numpy(np.stack(list(sums.values()))).to(device)
+        dist.all_reduce(stacked)
+        sums = dict(zip(sums, stacked.cpu().numpy(), strict=True))
+        if rank:
+            return None
     table = eval_table(slices, sums, predicted_tokens_per_slice(slices, sequences, window))
     overall = table[0]
     metrics = metrics_of(table)
@@ -602,3 +604,106 @@ def evaluate_model(
         tasks=tasks,
         samples_markdown=samples_markdown,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The eval on the training ranks
+
+
+TRAINING_EVALS = "evals"  # <run>/evals/step-<N>.json: the results of the evals on the training ranks
+
+
+def training_eval_path(checkpoint: str | Path) -> Path:
+    """Where the eval on the training ranks leaves the result of ``<run>/checkpoints/step-N``."""
+    checkpoint = Path(checkpoint)
+    return RunDir.of_checkpoint(checkpoint).root / TRAINING_EVALS / f"{checkpoint.name}.json"
+
+
+def read_training_eval(checkpoint: str | Path, timeout_s: float, poll_s: float = 1.0) -> EvalResult:
+    """The result the training ranks wrote for ``checkpoint``, waiting up to ``timeout_s`` for it (the
+    final checkpoint is complete before its eval is); EvalInputError when none comes."""
+    path = training_eval_path(checkpoint)
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise EvalInputError(f"no eval of {checkpoint} from the training ranks after {timeout_s:.0f} s")
+        time.sleep(poll_s)
+    return EvalResult.model_validate_json(path.read_text())
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """``source``'s parameters into ``target``'s of the same names: FSDP shards (DTensors) gathered one
+    parameter at a time, the name parts of activation-checkpoint and compile wrappers dropped."""
+    params = dict(target.named_parameters())
+    with torch.no_grad():
+        for name, param in source.named_parameters():
+            name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+            params[name].copy_(param.full_tensor() if isinstance(param, DTensor) else param)
+
+
+class TrainingEval:
+    """Evaluate the model being trained at its checkpoints, on the training ranks between steps.
+
+    No process to start and no checkpoint to read: each rank keeps a plain copy of the model (bf16 on a
+    GPU: 2 bytes per parameter, kept between checkpoints so a compiled forward is built once), gathers
+    the sharded weights into it, scores its share of the validation windows; the sums are all-reduced
+    and rank 0 scores the tasks, continues the prompts and writes the result to
+    ``training_eval_path(checkpoint)``, which the pretrain flow logs (tasks/evaluate.py).
+    """
+
+    def __init__(self, config: TrainConfig, rank: int, world: int, device: torch.device) -> None:
+        assert config.eval is not None
+        self.config, self.rank, self.world, self.device = config.eval, rank, world, device
+        info = packed_info(config.data_dir, "the run's data version (data_dir)")
+        tokenizer = Tokenizer.from_file(info["tokenizer"])
+        tokenizer.encode_special_tokens = True  # as the data was encoded
+        self.inputs = EvalInputs(
+            config.checkpoint_dir, 0, config, Path(config.data_dir), info, tokenizer, info["vocab_size"]
+        )
+        shapes = config.model_config_for(vocab_size=info["vocab_size"], seq_len=info["seq_len"])
+        with torch.device(device), default_dtype(torch.bfloat16 if device.type == "cuda" else torch.float32):
+            self.model = Transformer(shapes).eval()  # the RoPE tables are fp32 whatever the default
+        compiled = self.config.compile if self.config.compile is not None else device.type == "cuda"
+        self.forward = torch.compile(self.model, dynamic=False) if compiled else self.model
+
+    def __call__(self, model: torch.nn.Module, step: int) -> EvalResult | None:
+        """Evaluate ``model`` (sharded or plain) as the checkpoint of ``step``; the result on rank 0."""
+        started = time.perf_counter()
+        copy_weights(model, self.model)
+        checkpoint = Path(self.inputs.checkpoint) / f"step-{step}"
+        inputs = replace(self.inputs, checkpoint=checkpoint, step=step)
+        with torch_threads(self.config.threads):
+            result = evaluate_model(
+                self.model, inputs, self.config, self.device, started,
+                forward=self.forward, rank=self.rank, world=self.world,
+            )  # fmt: skip
+        if result is not None:
+            path = training_eval_path(checkpoint)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".json.tmp")
+            partial.write_text(result.model_dump_json())
+            partial.replace(path)  # whole or absent: the flow reads it once it exists
+        return result
+
+
+_training_eval: TrainingEval | None = None
+
+
+def evaluate_on_training_ranks(
+    model: torch.nn.Module, config: TrainConfig, step: int, rank: int, world: int, device: torch.device
+) -> EvalResult | None:
+    """The trainer's hook: ``TrainingEval`` of this process (made at its first checkpoint) on ``model``."""
+    global _training_eval
+    if _training_eval is None:
+        _training_eval = TrainingEval(config, rank, world, device)
+    return _training_eval(model, step)

@@ -10,6 +10,7 @@ The pieces, in the order a per-checkpoint evaluation uses them:
 - ``generate(model, prompt_ids, max_new_tokens, temperature=, top_k=, seed=, stop_id=)``: one
   continuation through the KV cache (``Transformer.forward_cached``); temperature 0 is greedy.
   Sampling draws on the CPU from its own seeded generator: the same model and seed give the same text.
+  ``generate_batch`` decodes several rows (prompts of one length, each with its ``Decoding``) at once.
 - ``generate_samples(model, tokenizer, prompts, ...)`` -> ``[Sample]`` (greedy and sampled continuation
   of each prompt) and ``render_samples(samples, step, ...)`` -> the Markdown of ``samples/step-<N>.md``
   (``samples_artifact_path(step)``). ``samples_markdown`` does both.
@@ -111,20 +112,76 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     return [Prompt(**json.loads(line)) for line in lines if line.strip()]
 
 
-def next_token(
-    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator
-) -> int:
-    """Argmax of ``logits`` [vocab] at temperature 0, else a draw from the top-k softmax at temperature."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    logits = logits.float().cpu() / temperature
-    if top_k is not None and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+@dataclass(frozen=True)
+class Decoding:
+    """How one continuation is drawn: temperature 0 is greedy; ``seed`` seeds its own CPU generator."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    seed: int = 0
+
+
+def next_tokens(
+    logits: torch.Tensor, decodings: list[Decoding], generators: list[torch.Generator]
+) -> list[int]:
+    """The next id of every row of ``logits`` [rows, vocabulary]: the argmax at temperature 0, else one
+    draw from the softmax of the row's top-k logits at its temperature. The top-k and the softmax run on
+    the device for all rows at once; each draw is made on the CPU from the row's own generator."""
+    chosen = logits.argmax(-1).tolist()
+    groups: dict[tuple[float, int | None], list[int]] = {}
+    for row, decoding in enumerate(decodings):
+        if decoding.temperature > 0:
+            groups.setdefault((decoding.temperature, decoding.top_k), []).append(row)
+    for (temperature, top_k), rows in groups.items():
+        scaled = logits[rows].float() / temperature
+        values, ids = scaled.topk(min(top_k or scaled.shape[-1], scaled.shape[-1]), dim=-1)
+        probs, ids = values.softmax(-1).cpu(), ids.cpu()
+        for j, row in enumerate(rows):
+            chosen[row] = int(ids[j, torch.multinomial(probs[j], 1, generator=generators[row])])
+    return chosen
 
 
 @torch.no_grad()
+def generate_batch(
+    model: Transformer,
+    prompts_ids: list[list[int]],
+    max_new_tokens: int,
+    decodings: list[Decoding],
+    stop_id: int | None = None,
+) -> list[list[int]]:
+    """One continuation per (prompt, decoding) row, all rows decoded together through one KV cache.
+
+    The prompts must have the same number of tokens (a prompt too long for ``max_seq_len`` keeps its
+    last tokens); each row is what ``generate`` gives for it alone: up to ``max_new_tokens`` ids, ending
+    before ``stop_id``. A row that stopped is fed a placeholder id until every row has stopped."""
+    limit = model.cfg.max_seq_len
+    if not prompts_ids or not prompts_ids[0] or not 0 < max_new_tokens < limit:
+        raise ValueError(f"need non-empty prompts and 0 < max_new_tokens < max_seq_len ({limit})")
+    rows = [ids[-(limit - max_new_tokens) :] for ids in prompts_ids]
+    if len({len(ids) for ids in rows}) != 1 or len(rows) != len(decodings):
+        raise ValueError("generate_batch needs one decoding per prompt and prompts of one length")
+    device = model.rope_cos.device
+    cache = KVCache(model.cfg.n_layers, len(rows[0]) + max_new_tokens)
+    generators = [torch.Generator().manual_seed(d.seed) for d in decodings]
+    outs: list[list[int]] = [[] for _ in rows]
+    done = [False] * len(rows)
+    with sdpa_kernel(DECODE_KERNELS):
+        logits = model.forward_cached(torch.tensor(rows, device=device), cache)[:, -1]
+        while True:
+            fed = next_tokens(logits, decodings, generators)
+            for r, token in enumerate(fed):
+                if done[r]:
+                    fed[r] = 0  # a row that stopped: any id, its continuation is ignored
+                elif token == stop_id:
+                    done[r] = True
+                else:
+                    outs[r].append(token)
+                    done[r] = len(outs[r]) == max_new_tokens
+            if all(done):
+                return outs
+            logits = model.forward_cached(torch.tensor(fed, device=device)[:, None], cache)[:, -1]
+
+
 def generate(
     model: Transformer,
     prompt_ids: list[int],
@@ -139,25 +196,8 @@ def generate(
 
     A prompt too long for ``max_seq_len`` keeps its last tokens. One forward over the prompt, then one
     position at a time through the KV cache."""
-    limit = model.cfg.max_seq_len
-    if not prompt_ids or not 0 < max_new_tokens < limit:
-        raise ValueError(f"need a non-empty prompt and 0 < max_new_tokens < max_seq_len ({limit})")
-    ids = prompt_ids[-(limit - max_new_tokens) :]
-    device = model.rope_cos.device
-    cache = KVCache(model.cfg.n_layers, len(ids) + max_new_tokens)
-    generator = torch.Generator().manual_seed(seed)
-    out: list[int] = []
-    with sdpa_kernel(DECODE_KERNELS):
-        logits = model.forward_cached(torch.tensor([ids], device=device), cache)[0, -1]
-        while True:
-            token = next_token(logits, temperature, top_k, generator)
-            if token == stop_id:
-                break
-            out.append(token)
-            if len(out) == max_new_tokens:
-                break
-            logits = model.forward_cached(torch.tensor([[token]], device=device), cache)[0, -1]
-    return out
+    decoding = Decoding(temperature, top_k, seed)
+    return generate_batch(model, [prompt_ids], max_new_tokens, [decoding], stop_id)[0]
 
 
 @dataclass(frozen=True)
@@ -179,24 +219,42 @@ def generate_samples(
     seed: int = 0,
     stop_id: int | None = None,
 ) -> list[Sample]:
-    """A greedy and a sampled continuation of every prompt (sampling seeded by ``seed`` + prompt index)."""
-    samples = []
-    for index, prompt in enumerate(prompts):
-        ids = tokenizer.encode(prompt.text, add_special_tokens=False).ids
-        if stop_id is not None:
-            ids = [stop_id, *ids]
-        greedy = generate(model, ids, max_new_tokens, stop_id=stop_id)
-        sampled = generate(
-            model,
-            ids,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            seed=seed + index,
-            stop_id=stop_id,
+    """A greedy and a sampled continuation of every prompt (sampling seeded by ``seed`` + prompt index).
+
+    All continuations are decoded together (one position of every row per forward: 64 forwards for 64
+    tokens, not 64 per continuation). With ``stop_id`` (end-of-text) every prompt follows it, as a
+    document follows it in training, and a shorter prompt follows more of them, so all have one length
+    (empty documents before it: in training anything may precede a document's first token). Without
+    ``stop_id``, the prompts of each length are decoded together."""
+    limit = model.cfg.max_seq_len - max_new_tokens
+    encoded = [
+        tokenizer.encode(prompt.text, add_special_tokens=False).ids[-(limit - 1) :] for prompt in prompts
+    ]
+    if stop_id is not None:
+        width = max(map(len, encoded), default=0) + 1
+        encoded = [[stop_id] * (width - len(ids)) + ids for ids in encoded]
+    groups: dict[int, list[int]] = {}
+    for index, ids in enumerate(encoded):
+        groups.setdefault(min(len(ids), limit), []).append(index)
+    continuations: dict[tuple[int, bool], list[int]] = {}
+    for members in groups.values():
+        rows = [(index, sampled) for index in members for sampled in (False, True)]
+        decodings = [
+            Decoding(temperature, top_k, seed + index) if sampled else Decoding() for index, sampled in rows
+        ]
+        outs = generate_batch(
+            model, [encoded[index] for index, _ in rows], max_new_tokens, decodings, stop_id
         )
-        samples.append(Sample(prompt.lang, prompt.text, tokenizer.decode(greedy), tokenizer.decode(sampled)))
-    return samples
+        continuations.update(zip(rows, outs, strict=True))
+    return [
+        Sample(
+            prompt.lang,
+            prompt.text,
+            tokenizer.decode(continuations[index, False]),
+            tokenizer.decode(continuations[index, True]),
+        )
+        for index, prompt in enumerate(prompts)
+    ]
 
 
 def samples_artifact_path(step: int) -> str:

@@ -15,7 +15,7 @@ import sys
 import threading
 from typing import Any
 
-from model.tracking import ensure_experiment, find_or_create_run, log_batch
+from model.tracking import BufferedClient, ensure_experiment, find_or_create_run, log_batch
 
 # Dense (no sparsity) bf16 tensor-core peak per GPU, by device-name fragment; first match wins,
 # so more specific names come first.
@@ -129,7 +129,8 @@ class MetricsLogger:
         try:
             from mlflow.tracking import MlflowClient
 
-            client = MlflowClient(tracking_uri=uri)
+            # Buffered: a tracking server that restarts mid-run loses no metric and stalls no step.
+            client = BufferedClient(MlflowClient(tracking_uri=uri))
             resumed = run_id is not None
             if run_id is None:
                 flat: dict[str, str] = {}

@@ -7,8 +7,8 @@ gradient is not finite (its ``found_inf`` flag: no host sync), linear warmup + c
 
 The host syncs only at "sync points" (every ``log_interval`` steps, at checkpoints, at the end):
 there the per-step losses come over in one transfer, metrics are handed to a background thread,
-non-finite steps are reported, the loss-spike detector runs (a spike rolls back to the last good
-checkpoint and skips the offending batch), a checkpoint whose background write has finished on
+non-finite steps are reported, the loss-spike detector runs (a spike rolls back to a checkpoint from
+before it and skips the batches since: ``model/health.py``), a checkpoint whose background write has finished on
 every rank is made complete, and a SIGTERM seen by any rank becomes a checkpoint and a clean exit on
 all ranks.
 
@@ -35,9 +35,9 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from model.checkpoint import Checkpointer, Saved, latest_checkpoint
+from model.checkpoint import Checkpointer, Saved, complete_checkpoints, latest_checkpoint
 from model.config import OptimConfig, TrainConfig, load_config
-from model.health import SpikeDetector
+from model.health import Recovery, SpikeDetector, plan_recovery, recoveries_near, rollback_step
 from model.metrics import MetricsLogger, peak_bf16_flops
 from model.model import ModelConfig, Transformer
 from model.parallelize import parallelize, prefer_attention_kernel
@@ -166,9 +166,23 @@ class TrainState:
     data_step: int = 0  # step-sized batches drawn, skipped ones included
     tokens_seen: int = 0
     skipped_updates: int = 0  # non-finite steps whose update was skipped
-    skip_data_steps: list[int] = field(default_factory=list)  # batches that caused a spike
-    rollbacks: int = 0
+    recoveries: list[Recovery] = field(default_factory=list)  # every spike recovery, in order
     mlflow_run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        # A checkpoint holds them as dicts (``asdict``).
+        self.recoveries = [r if isinstance(r, Recovery) else Recovery(**r) for r in self.recoveries]
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> TrainState:
+        """The state a checkpoint holds. Checkpoints of the trainer before spike recoveries hold
+        ``skip_data_steps`` and ``rollbacks`` instead: each batch skipped then stays skipped."""
+        saved = dict(saved)
+        saved.pop("rollbacks", None)
+        skipped = saved.pop("skip_data_steps", [])
+        nan = float("nan")
+        old = [Recovery(d, d, nan, nan, d, "", d, d, 1.0, d) for d in skipped]
+        return cls(**{**saved, "recoveries": [*saved.get("recoveries", []), *old]})
 
 
 class Trainer:
@@ -205,7 +219,12 @@ class Trainer:
         )
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.checkpointer = Checkpointer(
-            cfg.checkpoint_dir, cfg.keep_checkpoints, self.rank, self.world, asynchronous=cfg.checkpoint_async
+            cfg.checkpoint_dir,
+            cfg.keep_checkpoints,
+            self.rank,
+            self.world,
+            asynchronous=cfg.checkpoint_async,
+            keep_steps_before=cfg.health.rollback_min_steps_before,
         )
         self.detector = SpikeDetector(
             cfg.health.spike_window, cfg.health.spike_min_history, cfg.health.spike_zscore
@@ -279,7 +298,7 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         extra = self.checkpointer.load(path, self.model, self.optimizer)
-        self.state = TrainState(**extra["state"])
+        self.state = TrainState.from_saved(extra["state"])
         self.detector.load_state_dict(extra["detector"])
         self.loader.load_state_dict(extra["loader"])
         torch.set_rng_state(extra["rng_cpu"])
@@ -289,12 +308,17 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def _next_batches(self, batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The next step's micro-batches, passing over batches marked as spike causes."""
-        while self.state.data_step + 1 in self.state.skip_data_steps:
+        """The next step's micro-batches, passing over the batches that spike recoveries skip."""
+        first = self.state.data_step + 1
+        while any(r.skips(self.state.data_step + 1) for r in self.state.recoveries):
             for _ in range(self.cfg.grad_accum_steps):
                 next(batches)
             self.state.data_step += 1
-            self.metrics.event("batch_skipped", self.state.step, data_step=self.state.data_step)
+        if self.state.data_step >= first:
+            self.metrics.event(
+                "batches_skipped", self.state.step, first_data_step=first,
+                last_data_step=self.state.data_step, count=self.state.data_step - first + 1,
+            )  # fmt: skip
         micro = []
         for _ in range(self.cfg.grad_accum_steps):
             inputs, targets = next(batches)
@@ -305,6 +329,16 @@ class Trainer:
         self.state.data_step += 1
         return micro
 
+    def _lr(self, data_step: int) -> float:
+        """The learning rate of the next update: the schedule, cooled after a spike recovery."""
+        step = self.state.step + 1
+        lr = lr_at(self.state.step, self.cfg.optim, self.cfg.max_steps)
+        lr *= min((r.lr_scale(step) for r in self.state.recoveries), default=1.0)
+        poisoned = self.cfg.health.debug_lr_blowup_data_steps
+        if poisoned is not None and poisoned[0] <= data_step <= poisoned[1]:
+            lr *= self.cfg.health.debug_lr_blowup_factor
+        return lr
+
     def _loss_scale(self, data_step: int) -> float | None:
         health = self.cfg.health
         if data_step == health.debug_inject_nan_at_step:
@@ -312,6 +346,13 @@ class Trainer:
         if data_step == health.debug_inject_spike_at_step:
             return health.debug_spike_factor
         return None
+
+    def _evaluate(self, step: int) -> None:
+        """The eval hook: evaluate this checkpoint's weights here, on the training ranks, between steps
+        (``cfg.eval``; model/evaluate.py). Not counted in the step times."""
+        from model.evaluate import evaluate_on_training_ranks
+
+        evaluate_on_training_ranks(self.model, self.cfg, step, self.rank, self.world, self.device)
 
     def run(self) -> None:
         try:
@@ -334,7 +375,7 @@ class Trainer:
             t0 = time.perf_counter()
             micro = self._next_batches(batches)
             data_wait += time.perf_counter() - t0
-            lr = lr_at(self.state.step, cfg.optim, cfg.max_steps)
+            lr = self._lr(self.state.data_step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss, norm, finite = train_step(
@@ -358,6 +399,8 @@ class Trainer:
                     self._finish_save()  # every rank has written: the checkpoint becomes complete now
                 if at_checkpoint or stop:
                     self._save(wait=stop or step == cfg.max_steps)
+                if at_checkpoint and not stop and cfg.eval is not None:
+                    self._evaluate(step)
                 if stop:
                     self.metrics.event("preempted", step, tokens_seen=self.state.tokens_seen)
                     return
@@ -366,7 +409,7 @@ class Trainer:
         final = latest_checkpoint(cfg.checkpoint_dir)
         self.metrics.event(
             "done", self.state.step, tokens_seen=self.state.tokens_seen, checkpoint=str(final),
-            skipped_updates=self.state.skipped_updates, rollbacks=self.state.rollbacks,
+            skipped_updates=self.state.skipped_updates, rollbacks=len(self.state.recoveries),
             mlflow_run_id=self.metrics.run_id,
         )  # fmt: skip
 
@@ -382,7 +425,7 @@ class Trainer:
     def _sync(self, pending: list[_Pending], elapsed: float, data_wait: float) -> bool:
         """Bring the pending steps to the host (one transfer), report them, run the health checks.
 
-        Returns True when a loss spike rolled the run back to the last good checkpoint.
+        Returns True when a loss spike rolled the run back to an earlier checkpoint.
         """
         n = len(pending)
         losses = torch.stack([p.loss for p in pending])
@@ -417,40 +460,51 @@ class Trainer:
             "step_time_s": elapsed / n,
             "data_wait_s": data_wait / n,
             "skipped_updates": self.state.skipped_updates,
-            "rollbacks": self.state.rollbacks,
+            "rollbacks": len(self.state.recoveries),
             "max_steps": self.cfg.max_steps,
             "eta_s": (self.cfg.max_steps - last.step) * elapsed / n,
         }
         if self.is_cuda:
             values["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.metrics.metric(last.step, values)
-        if spike is None:
-            return False
-        self._rollback(*spike)
-        return True
+        return spike is not None and self._rollback(*spike)
 
-    def _rollback(self, at: _Pending, loss: float, z: float) -> None:
+    def _rollback(self, at: _Pending, loss: float, z: float) -> bool:
+        """Recover from a loss spike (``model/health.py``): load the newest checkpoint at least
+        ``rollback_min_steps_before`` steps before it, skip the batches from there to the spike (or
+        more), cool the learning rate. False: no checkpoint is old enough, training goes on."""
         health = self.cfg.health
-        self._finish_save()  # a save in flight is of a step before the spike: good to roll back to
-        good = latest_checkpoint(self.cfg.checkpoint_dir)
-        if good is None:
-            self.metrics.event(
-                "spike_not_rolled_back", at.step, loss=loss, zscore=z, reason="no checkpoint yet"
-            )
-            return
-        if self.state.rollbacks >= health.max_rollbacks:
+        self._finish_save()  # a save in flight is of a step before the spike: one to choose from
+        checkpoints = dict(complete_checkpoints(self.cfg.checkpoint_dir))
+        to_step = rollback_step(list(checkpoints), at.step, health.rollback_min_steps_before)
+        if to_step is None:
+            reason = f"no checkpoint {health.rollback_min_steps_before} steps before the spike"
+            self.metrics.event("spike_not_rolled_back", at.step, loss=loss, zscore=z, reason=reason)
+            return False
+        near = recoveries_near(self.state.recoveries, at.step, health.recovery_window_steps)
+        if near >= health.max_recoveries:
             raise RuntimeError(
-                f"loss spike at step {at.step} after {self.state.rollbacks} rollbacks; giving up"
+                f"loss spike at step {at.step} after {near} recoveries within "
+                f"{health.recovery_window_steps} steps; giving up"
             )
-        skips = sorted(set(self.state.skip_data_steps) | {at.data_step})
-        rollbacks = self.state.rollbacks + 1
-        self._load(good)
-        self.state.skip_data_steps, self.state.rollbacks = skips, rollbacks
-        self.state.mlflow_run_id = self.metrics.run_id
-        self.metrics.event(
-            "rollback", at.step, loss=loss, zscore=z, to_step=self.state.step, checkpoint=str(good),
-            skip_data_step=at.data_step,
+        recoveries = self.state.recoveries  # the checkpoint's state may predate some of them
+        self._load(checkpoints[to_step])
+        recovery = plan_recovery(
+            spike_step=at.step, spike_data_step=at.data_step, loss=loss, zscore=z, to_step=to_step,
+            to_data_step=self.state.data_step, checkpoint=str(checkpoints[to_step]),
+            skip_batches=health.skip_batches, lr_factor=health.recovery_lr_factor,
+            lr_steps=health.recovery_lr_steps,
         )  # fmt: skip
+        self.state.recoveries = [*recoveries, recovery]
+        self.state.mlflow_run_id = self.metrics.run_id
+        # The checkpoints after the one loaded belong to the abandoned steps: a resume must not pick one.
+        self.checkpointer.discard_after(to_step)
+        fields = {k: v for k, v in asdict(recovery).items() if k != "spike_step"}
+        self.metrics.event(
+            "rollback", at.step, **fields, skipped_batches=recovery.skipped_batches,
+            recoveries=len(self.state.recoveries), recoveries_in_window=near + 1,
+        )  # fmt: skip
+        return True
 
 
 def main(argv: list[str] | None = None) -> None:

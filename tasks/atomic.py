@@ -13,12 +13,14 @@ import fnmatch
 import json
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 TEMP_GLOB = ".*.tmp"
+KILL_AT_ENV = "PRETRAIN_TEST_KILL_AT"  # tests only: see kill_point
 
 
 @contextlib.contextmanager
@@ -33,11 +35,21 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        kill_point(target)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def kill_point(target: Path) -> None:
+    """Test hook (``tests/test_kill_points.py``): SIGKILL this process's group (a refresh with its
+    task workers) when the new bytes of a target matching the glob in ``$PRETRAIN_TEST_KILL_AT`` are
+    written but not yet renamed into place: the first such write is a deterministic kill point."""
+    pattern = os.environ.get(KILL_AT_ENV)
+    if pattern and fnmatch.fnmatch(str(target), pattern):
+        os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -71,4 +83,20 @@ def remove_stale_temp_files(directory: str | os.PathLike[str]) -> int:
             dirs.remove(name)  # not walked into: removed whole
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
             removed += 1
+    return removed
+
+
+def remove_unlisted(directory: str | os.PathLike[str], listed: set[str]) -> int:
+    """Remove every entry of an index's ``directory`` that the index does not name: what a killed
+    index writer left (half-copied temporaries, entries renamed into place before the index was
+    replaced). Only the index's one writer may call it. Returns how many were removed."""
+    removed = 0
+    for entry in Path(directory).iterdir() if Path(directory).is_dir() else []:
+        if entry.name in listed:
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+        removed += 1
     return removed

@@ -68,7 +68,7 @@ from pydantic import BaseModel, Field
 
 from tasks import dataset as ds
 from tasks import minhash
-from tasks.atomic import atomic_write_text
+from tasks.atomic import atomic_write_text, remove_unlisted
 from tasks.stage import (
     Document,
     DocumentStage,
@@ -420,10 +420,11 @@ def _commit(index_dir: Path, index: dict[str, Any], built: Path, batch_key: str,
     """Rename the new generation into place, then replace index.json (the moment it counts)."""
     name = f"gen-{len(index['generations']):05d}-{batch_key[:12]}"
     final = index_dir / "generations" / name
-    shutil.rmtree(final, ignore_errors=True)  # left by a run that died before writing index.json
+    tmp = index_dir / "generations" / f".{name}.tmp"
+    remove_unlisted(final.parent, {g["name"] for g in index["generations"]})  # a killed run's
     final.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(built, index_dir / "generations" / f".tmp-{name}", dirs_exist_ok=False)
-    (index_dir / "generations" / f".tmp-{name}").rename(final)
+    shutil.copytree(built, tmp, dirs_exist_ok=False)
+    tmp.rename(final)
     updated = {
         "format": INDEX_FORMAT,
         "fingerprint": fingerprint,

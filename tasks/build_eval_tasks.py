@@ -10,6 +10,10 @@ lm-evaluation-harness layout that ``model.capability.load_tasks`` reads:
   among it and three later sentences of the same page.
 - ``page_continuation.yaml`` / ``.jsonl``: a page's opening; choose the sentence that follows it among
   it and the sentences that follow the openings of three other pages of the same language.
+- ``word_order.yaml`` / ``.jsonl``: a page's text up to a sentence of at least five words; choose that
+  sentence among three other orders of its words. The same words in every choice, so only how the
+  language orders them tells the true one apart; a small model learns it early (the demo's does), where
+  the two tasks above need more of the page's meaning. Pages written without spaces have no items.
 - ``prompts.jsonl``: the sample prompts (``model.generate.select_prompts``, ``read_prompts``).
 - ``build.json``: the packed dataset's digest, the settings and the items per task and language.
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import random
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +43,12 @@ from tasks import dataset as ds
 from tasks.atomic import atomic_write_bytes, atomic_write_json
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "evals"
-TASKS = ("next_sentence", "page_continuation")
+TASKS = ("next_sentence", "page_continuation", "word_order")
 CHOICES = 4
 MIN_SENTENCE_CHARS, MAX_SENTENCE_CHARS = 20, 300
 MAX_CONTEXT_CHARS = 600
 MIN_OPENING_CHARS = 150
+MIN_ORDER_WORDS = 5
 
 
 @dataclass(frozen=True)
@@ -122,11 +128,47 @@ def next_sentence_item(doc: Document, seed: int) -> dict | None:
     i = min(eligible, key=lambda k: _rank(seed, "next_sentence", doc.doc_id, k))
     candidates = [s for s in sentences[i + 1 :] if _proper(s)]
     distractors = _distinct(candidates, sentences[i], seed, "next_sentence", doc.doc_id)
-    first = i - 1  # as many whole sentences before i as fit in MAX_CONTEXT_CHARS, at least one
+    return _item(doc, _context_before(doc.text, spans, i), sentences[i], distractors, seed, "next_sentence")
+
+
+def _context_before(text: str, spans: list[tuple[int, int]], i: int) -> str:
+    """The page before sentence ``i``: as many whole sentences as fit in MAX_CONTEXT_CHARS, at least one,
+    with the whitespace that leads to sentence ``i``."""
+    first = i - 1
     while first > 0 and spans[i][0] - spans[first - 1][0] <= MAX_CONTEXT_CHARS:
         first -= 1
-    context = doc.text[spans[first][0] : spans[i][0]]
-    return _item(doc, context, sentences[i], distractors, seed, "next_sentence")
+    return text[spans[first][0] : spans[i][0]]
+
+
+def _word_orders(sentence: str, seed: int, *key: object) -> list[str]:
+    """Up to CHOICES - 1 distinct other orders of the sentence's space-separated words, hash-seeded."""
+    words = sentence.split(" ")
+    orders: list[str] = []
+    for attempt in range(20 * CHOICES):
+        if len(orders) == CHOICES - 1:
+            break
+        shuffled = words[:]
+        random.Random(_rank(seed, *key, attempt)).shuffle(shuffled)
+        if (order := " ".join(shuffled)) != sentence and order not in orders:
+            orders.append(order)
+    return orders
+
+
+def word_order_item(doc: Document, seed: int) -> dict | None:
+    """Context: the page up to sentence i; choices: sentence i and three other orders of its words
+    (a sentence of at least MIN_ORDER_WORDS words, so pages written without spaces have none)."""
+    spans = sentence_spans(doc.text)
+    eligible = [
+        i
+        for i, (a, b) in enumerate(spans)
+        if i > 0 and _proper(doc.text[a:b]) and len(doc.text[a:b].split(" ")) >= MIN_ORDER_WORDS
+    ]
+    for i in sorted(eligible, key=lambda k: _rank(seed, "word_order", doc.doc_id, k)):
+        sentence = doc.text[spans[i][0] : spans[i][1]]
+        orders = _word_orders(sentence, seed, "word_order", doc.doc_id, i)
+        if len(orders) == CHOICES - 1:
+            return _item(doc, _context_before(doc.text, spans, i), sentence, orders, seed, "word_order")
+    return None
 
 
 def _opening(doc: Document) -> tuple[str, str] | None:
@@ -187,11 +229,13 @@ def round_robin(items: list[dict], seed: int, task: str, max_items: int) -> list
 def build_tasks(documents: list[Document], seed: int = 0, max_items: int = 400) -> dict[str, list[dict]]:
     """The items of every task from ``documents`` (validation documents, in doc_id order)."""
     next_sentence = [item for doc in documents if (item := next_sentence_item(doc, seed))]
+    word_order = [item for doc in documents if (item := word_order_item(doc, seed))]
     return {
         "next_sentence": round_robin(next_sentence, seed, "next_sentence", max_items),
         "page_continuation": round_robin(
             page_continuation_items(documents, seed), seed, "page_continuation", max_items
         ),
+        "word_order": round_robin(word_order, seed, "word_order", max_items),
     }
 
 

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
@@ -212,12 +213,19 @@ def write_manifest(dataset_dir: str | os.PathLike[str], manifest: Manifest) -> P
 
 
 def read_manifest(dataset_dir: str | os.PathLike[str]) -> Manifest:
-    target = manifest_path(dataset_dir)
-    if not target.exists():
+    """The manifest of a dataset dir, local or a URL (``s3://...``: read through fsspec)."""
+    location = os.fspath(dataset_dir)
+    try:
+        if "://" in location:
+            with fsspec.open(f"{location.rstrip('/')}/{MANIFEST}", "rb") as f:
+                text = f.read().decode("utf-8")
+        else:
+            text = manifest_path(location).read_text(encoding="utf-8")
+    except FileNotFoundError:
         raise FileNotFoundError(
             f"{dataset_dir} is not a dataset: no {MANIFEST} (incomplete or never written)"
-        )
-    return Manifest.model_validate_json(target.read_text(encoding="utf-8"))
+        ) from None
+    return Manifest.model_validate_json(text)
 
 
 def dataset_digest(dataset_dir: str | os.PathLike[str]) -> str:

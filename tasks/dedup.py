@@ -29,7 +29,9 @@ How a run goes (``dedup_datasets``):
    index is updated: the run's sources become a new index segment (a directory renamed into
    place), then ``index.json`` is replaced atomically. ``index.json`` records which input
    manifests each segment came from; re-running inputs already in the index uses only the
-   segments before theirs, so the re-run writes the same bytes and adds nothing.
+   segments before theirs, so the re-run writes the same bytes and adds nothing. A new version of
+   indexed inputs (same slot, ``<snapshot>/dedup``, other content: an upstream stage changed)
+   replaces the old version's segment and every later one instead of meeting its old self.
 
 The index keeps every document it saw (kept or dropped, with its survivor), so that a later
 document similar only to a dropped one still joins that cluster, as it would in one batch run.
@@ -58,7 +60,7 @@ from pydantic import BaseModel, Field
 
 from tasks import dataset as ds
 from tasks import minhash
-from tasks.atomic import atomic_write_text
+from tasks.atomic import atomic_write_text, remove_unlisted
 from tasks.stage import (
     ShardResult,
     StageStats,
@@ -599,6 +601,7 @@ def _index_sources(index_dir: Path, segments: list[dict[str, Any]]) -> list[Sour
 def _add_segment(
     index_dir: Path,
     index: dict[str, Any],
+    slot: str,
     batch_key: str,
     sources: list[Source],
     decisions: dict[int, _Decision],
@@ -608,8 +611,9 @@ def _add_segment(
     """Copy this run's sources into a new segment (rename into place), then replace index.json."""
     name = f"seg-{len(index['segments']):05d}-{batch_key[:12]}"
     final = index_dir / "segments" / name
-    tmp = index_dir / "segments" / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = index_dir / "segments" / f".{name}.tmp"
+    committed = {s["name"] for s in _read_index(index_dir)["segments"]}  # what readers may still use
+    remove_unlisted(index_dir / "segments", committed)
     entries = []
     for source in sources:
         target = tmp / source.path.name
@@ -625,14 +629,17 @@ def _add_segment(
         docs = docs.append_column("root_doc_id", pa.array(root_doc_ids, pa.string()))
         ds.write_table(docs.cast(_INDEX_DOCS_SCHEMA), target / "docs.parquet")
         entries.append({"name": source.path.name, "gid_start": source.gid_start, "rows": source.rows})
-    shutil.rmtree(final, ignore_errors=True)  # left by a run that died before writing index.json
     tmp.rename(final)
     updated = {
         "format": INDEX_FORMAT,
         "fingerprint": fingerprint,
-        "segments": [*index["segments"], {"name": name, "batch_key": batch_key, "sources": entries}],
+        "segments": [
+            *index["segments"],
+            {"name": name, "slot": slot, "batch_key": batch_key, "sources": entries},
+        ],
     }
     _write_index(index_dir, updated)
+    remove_unlisted(index_dir / "segments", {s["name"] for s in updated["segments"]})  # replaced ones
 
 
 def _write_index(index_dir: Path, index: dict[str, Any]) -> None:
@@ -667,9 +674,19 @@ def dedup_datasets(
             "use a new index directory"
         )
     batch_key = _batch_key(input_dirs)
+    slot = f"{output_dir.parent.name}/{output_dir.name}"  # e.g. <snapshot>/dedup: what the inputs are
     applied = [s["batch_key"] for s in index["segments"]]
-    # Inputs already in the index: dedup against what the index held before them, add nothing.
-    segments = index["segments"][: applied.index(batch_key)] if batch_key in applied else index["segments"]
+    slots = [s.get("slot") for s in index["segments"]]
+    replaced = batch_key not in applied and slot in slots
+    if batch_key in applied:  # inputs already in the index: dedup against what it held before them
+        segments = index["segments"][: applied.index(batch_key)]
+    elif replaced:
+        # A new version of indexed inputs (an upstream stage changed): it replaces the old version and
+        # every later segment, never meets itself; the later snapshots' keys chain this one's, so they redo.
+        index = {**index, "segments": index["segments"][: slots.index(slot)]}
+        segments = index["segments"]
+    else:
+        segments = index["segments"]
     sources = _index_sources(index_path, segments) if index_path else []
     first_new = sum(s.rows for s in sources)
 
@@ -730,6 +747,7 @@ def dedup_datasets(
             "peak_sketch_shard_bytes": peak_sketch,
             "indexed_documents": first_new,
             "index_already_had_inputs": batch_key in applied,
+            "index_replaced_earlier_version": replaced,
         }
     )
     schema = pq.read_schema(shards[0]) if shards else ds.DOCUMENT_SCHEMA
@@ -747,7 +765,7 @@ def dedup_datasets(
     )
     if index_path is not None and batch_key not in applied:
         new_sources = sources[len(sources) - len(shards) :]
-        _add_segment(index_path, index, batch_key, new_sources, decisions, root_ids, fingerprint)
+        _add_segment(index_path, index, slot, batch_key, new_sources, decisions, root_ids, fingerprint)
     shutil.rmtree(work, ignore_errors=True)
     return manifest
 

@@ -5,6 +5,9 @@ Into the MLflow run (the training run) at the checkpoint's step: the metrics (``
 artifacts ``eval/step-<N>.json``, ``eval/step-<N>.md`` (the readable table) and
 ``samples/step-<N>.md``. Into Prefect: the eval table of the latest checkpoint as a table artifact.
 
+When the run's config has an ``eval`` (``training_eval_config``) the trainer evaluates each checkpoint itself, between steps
+(model/evaluate.py ``TrainingEval``), and this task only reads and logs its result.
+
 The capability tasks and sample prompts come from ``EvalConfig.tasks_dir``; without one, from a folder
 built once per run and data version (``<run>/eval-tasks/<version>/``, tasks/build_eval_tasks.py) out of
 the data's validation documents, so every checkpoint of a run is scored on the same items.
@@ -27,6 +30,9 @@ from tasks import dataset as ds
 from tasks.prefect_artifacts import artifact_key
 
 EVAL_TASKS = "eval-tasks"  # in the run directory: <run>/eval-tasks/<data version>/
+# How long a flow waits for the training ranks' eval of a checkpoint it sees (the final checkpoint is
+# complete before its eval starts; a trainer that dies in between leaves none).
+TRAINING_EVAL_WAIT_S = 600.0
 
 
 def run_task_folder(run: RunDir, data_dir: Path, log: logging.Logger) -> Path | None:
@@ -43,6 +49,19 @@ def run_task_folder(run: RunDir, data_dir: Path, log: logging.Logger) -> Path | 
         log.warning("no capability tasks and samples for %s: %s", data_dir, exc)
         return None
     return folder
+
+
+def training_eval_config(
+    config: me.EvalConfig, run: RunDir, data_dir: Path, log: logging.Logger, gpus: int
+) -> me.EvalConfig | None:
+    """The ``eval`` of the trainer's config: ``config`` with the run's task folder when the checkpoints
+    are evaluated on the training ranks (``on_training_ranks``; empty: when ``gpus``), else None."""
+    if not (config.on_training_ranks or (config.on_training_ranks is None and gpus)):
+        return None
+    if config.tasks_and_samples and config.tasks_dir is None:
+        folder = run_task_folder(run, data_dir, log)
+        config = config.model_copy(update={"tasks_dir": folder, "tasks_and_samples": folder is not None})
+    return config
 
 
 def log_eval(result: me.EvalResult, tracking_uri: str, run_id: str) -> None:
@@ -62,15 +81,20 @@ def evaluate(
     data_dir: str | None = None,
     tracking_uri: str | None = None,
     mlflow_run_id: str | None = None,
+    from_training_ranks: bool = False,
 ) -> me.EvalResult:
-    """Evaluate one checkpoint on its run's pinned data (or ``data_dir``); log to the MLflow run if given."""
+    """Evaluate one checkpoint on its run's pinned data (or ``data_dir``); log to the MLflow run if given.
+    ``from_training_ranks``: the trainer evaluates it (its config's ``eval``): read and log its result."""
     logger = get_run_logger()
     config = config or me.EvalConfig()
-    if config.tasks_and_samples and config.tasks_dir is None:
-        inputs = me.resolve_inputs(checkpoint, data_dir)
-        folder = run_task_folder(RunDir.of_checkpoint(checkpoint), inputs.data_dir, logger)
-        config = config.model_copy(update={"tasks_dir": folder, "tasks_and_samples": folder is not None})
-    result = me.evaluate_checkpoint(checkpoint, config, data_dir)
+    if from_training_ranks:
+        result = me.read_training_eval(checkpoint, TRAINING_EVAL_WAIT_S)
+    else:
+        if config.tasks_and_samples and config.tasks_dir is None:
+            inputs = me.resolve_inputs(checkpoint, data_dir)
+            folder = run_task_folder(RunDir.of_checkpoint(checkpoint), inputs.data_dir, logger)
+            config = config.model_copy(update={"tasks_dir": folder, "tasks_and_samples": folder is not None})
+        result = me.evaluate_checkpoint(checkpoint, config, data_dir)
     logger.info(
         "step %d: val loss %.4f, bpb %.4f, accuracy %.3f over %d tokens (%d windows) in %.1fs on %s",
         result.step, result.loss, result.bpb, result.accuracy, result.tokens, result.windows,

@@ -29,7 +29,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 
 from tasks import dataset as ds
-from tasks import registry
+from tasks import registry, storage
 from tasks.atomic import atomic_write_text, remove_stale_temp_files
 from tasks.prefect_artifacts import artifact_key
 from tasks.stage import CacheKey, ShardResult, code_version_of, config_json, finalize_dataset, shard_name
@@ -280,7 +280,8 @@ def finalize_work(
     identities = [
         *(r.shard.sha256 for r in results),
         *(r.rejects.sha256 for r in results),
-        *(ref.model_dump_json() for ref in sources.refs),
+        # a dataset counts by its digest, wherever it is (another workdir, a staging copy)
+        *(ref.model_dump_json(exclude={"path"} if ref.digest else set()) for ref in sources.refs),
     ]
     manifest = ds.manifest_path(output_dir)
     return Work(
@@ -424,10 +425,16 @@ def _dataset_name(stage: str, snapshot: str | None) -> str:
 
 
 class PrefectRunner:
-    """Runs the flow's plan as Prefect tasks and reports every stage's counts."""
+    """Runs the flow's plan as Prefect tasks and reports every stage's counts. With a ``mirror`` (a
+    workdir on object storage) each stage's output is published to the store once it is whole."""
 
-    def __init__(self, report: RefreshReport):
+    def __init__(self, report: RefreshReport, mirror: storage.Mirror | None = None):
         self.report = report
+        self.mirror = mirror
+
+    def _publish(self) -> None:
+        if self.mirror is not None:
+            self.mirror.push()
 
     def shard_stage(
         self, stage: str, config: BaseModel, source: list[str] | Output, output_dir: Path, snapshot: str
@@ -454,6 +461,7 @@ class PrefectRunner:
             final.label, final, results, sources.refs, key=final.key.value
         )
         self.report.add(snapshot, manifest, output_dir, _dataset_name(stage, snapshot))
+        self._publish()
         return Output(output_dir, final.key.value)
 
     def dataset_stage(
@@ -485,8 +493,10 @@ class PrefectRunner:
         for directory in (output_dir, *(scratch or {}).values()):
             remove_stale_temp_files(directory)
         built = stage_task.with_options(refresh_cache=not is_done(work))(work.label, work, key=work.key.value)
-        self.report.add(snapshot or "*", built.manifest, Path(built.path), _dataset_name(stage, snapshot))
-        return Output(Path(built.path), work.key.value)
+        path = done_output(work)  # here, not where a cached result was first made (another staging copy)
+        self.report.add(snapshot or "*", built.manifest, path, _dataset_name(stage, snapshot))
+        self._publish()
+        return Output(path, work.key.value)
 
     def document_count(self, dataset: Output) -> int:
         return ds.read_manifest(dataset.path).rows
@@ -628,7 +638,7 @@ def log_refresh_to_mlflow(params: BaseModel, report: RefreshReport) -> tuple[str
 
     context = get_run_context()
     run_name = getattr(getattr(context, "flow_run", None), "name", None) or "data-refresh"
-    workdir = Path(params.workdir).resolve()
+    workdir = storage.local_workdir(params.workdir)  # an embedded SQLite store stays local
     uri = tracking.tracking_uri(params.mlflow_tracking_uri, workdir)
     run_id = tracking.log_data_refresh(
         uri,

@@ -9,7 +9,8 @@ differently, and why:
   clause), the stop-word rule uses the document's language's list (no list: the rule is skipped,
   never a drop), C4's terminal punctuation accepts 。！？ etc., and any threshold can be overridden
   per language (``QualityConfig.overrides``; shipped with overrides for ja/zh, whose words are
-  shorter, whose lines carry more per character). DataTrove's English-tuned chain drops ~all of the
+  shorter, whose lines carry more per character; or derived from data: ``thresholds_file``,
+  tasks/thresholds.py). DataTrove's English-tuned chain drops ~all of the
   ja/zh pages of our sample; see benchmarks/RESULTS.md for keep rates per language.
 - Words are whitespace tokens (punctuation attached), as in the Gopher paper, not spaCy tokens;
   lines are the non-blank lines of the text.
@@ -38,6 +39,8 @@ of gopher repetition (gopher_top_{n}gram, gopher_dup_{n}gram), the most expensiv
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -47,7 +50,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, computed_field, model_validator
 
 from tasks import text as tx
 from tasks.stage import Document, DocumentStage, StageStats
@@ -248,16 +251,36 @@ class QualityConfig(BaseModel):
         description="Per language (ISO 639-1): rule parameter -> value, e.g. {'ja': {'min_avg_word_length': "
         "1.5}}. A parameter is named as in its group, or 'group.param' (needed for 'enabled').",
     )
+    thresholds_file: Path | None = Field(
+        None,
+        description="Per-language thresholds derived from data (`pretrain thresholds derive`, "
+        "tasks/thresholds.py): a JSON file whose 'thresholds' map language -> 'group.param' -> value. "
+        "They apply over `overrides`; the file's sha256 is part of this config, so of the cache key.",
+    )
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def thresholds_sha256(self) -> str | None:
+        """Content digest of ``thresholds_file``: a changed file changes the config and the cache key."""
+        return hashlib.sha256(self.thresholds_file.read_bytes()).hexdigest() if self.thresholds_file else None
+
+    def derived_thresholds(self) -> dict[str, dict[str, OverrideValue]]:
+        """Language -> parameter -> value, from ``thresholds_file`` (empty without one)."""
+        if self.thresholds_file is None:
+            return {}
+        return json.loads(self.thresholds_file.read_text(encoding="utf-8")).get("thresholds", {})
 
     @model_validator(mode="after")
     def _check_overrides(self) -> QualityConfig:
-        for lang in self.overrides:
+        if self.thresholds_file is not None and not self.thresholds_file.is_file():
+            raise ValueError(f"thresholds_file {self.thresholds_file} does not exist")
+        for lang in {*self.overrides, *self.derived_thresholds()}:
             self.for_language(lang)  # raises on an unknown parameter or a bad value
         return self
 
     def for_language(self, lang: str) -> QualityConfig:
-        """This config with ``overrides[lang]`` applied to the rule groups."""
-        params = self.overrides.get(lang)
+        """This config with ``overrides[lang]``, then the derived thresholds of ``lang``, applied."""
+        params = {**self.overrides.get(lang, {}), **self.derived_thresholds().get(lang, {})}
         if not params:
             return self
         updates: dict[str, dict[str, OverrideValue]] = {}

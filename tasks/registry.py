@@ -226,6 +226,15 @@ STAGES: dict[str, Stage] = {
             run_file=_document_file("quality"),
         ),
         Stage(
+            "classifier",
+            "tasks.classifier",
+            "ClassifierConfig",
+            "shard",
+            _document_shard("classifier"),
+            "fastText classifiers (quality, toxicity, ...): scores, per-language thresholds (opt-in)",
+            run_file=_document_file("classifier"),
+        ),
+        Stage(
             "pii",
             "tasks.pii",
             "PiiConfig",

@@ -8,10 +8,12 @@ Starting and stopping the job is tasks/launchers.py.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +30,7 @@ from pydantic import BaseModel, Field
 from model.checkpoint import complete_checkpoints
 from tasks.launchers import Launcher, LocalLauncher, RunningJob, TrainJob, registered, submit
 from tasks.prefect_artifacts import artifact_key
+from tasks.run_health import HealthEvent, JobHealth, RunHealthConfig, emit
 
 # ---------------------------------------------------------------------------------------------
 # Following a run: log lines, METRIC/EVENT records, progress
@@ -135,8 +138,10 @@ def follow(
     log: logging.Logger,
     on_record: Callable[[str, dict[str, Any]], None],
     tail: list[str] | None = None,
+    on_line: Callable[[str], None] | None = None,
 ) -> int:
-    """Stream ``job``'s lines to ``log`` and its records to ``on_record``; its exit code.
+    """Stream ``job``'s lines to ``log`` (and ``on_line``) and its records to ``on_record``; its
+    exit code.
 
     Whatever ends the following early (an error, KeyboardInterrupt, Prefect's TerminationSignal when
     the flow run is cancelled) stops the job first: a run never outlives the task following it.
@@ -145,6 +150,8 @@ def follow(
         try:
             for line in job.lines():
                 log.info(line)
+                if on_line is not None:
+                    on_line(line)
                 if tail is not None:
                     tail.append(line)
                     del tail[:-80]  # enough to hold the failing rank's traceback and torchrun's report
@@ -163,10 +170,14 @@ def run_training(
     log: logging.Logger,
     on_record: Callable[[str, dict[str, Any]], None] | None = None,
     publish_progress: Callable[[float, str], None] | None = None,
+    health: RunHealthConfig | None = None,
+    report_health: Callable[[HealthEvent], None] | None = None,
 ) -> TrainResult:
-    """Submit ``job`` through ``launcher``, follow it to the end; raise TrainingFailed if it failed."""
+    """Submit ``job`` through ``launcher``, follow it to the end; raise TrainingFailed if it failed.
+    With ``report_health``, the job's health events (tasks/run_health.py) go there as they are found."""
     progress = Progress(job.total_steps, publish_progress or (lambda percent, description: None))
     seen: dict[str, Any] = {"first_step": None, "done": None}
+    watch = JobHealth(health or RunHealthConfig()) if report_health is not None else None
 
     def handle(kind: str, record: dict[str, Any]) -> None:
         if kind == "METRIC" and "step" in record:
@@ -175,13 +186,17 @@ def run_training(
             progress.observe(record)
         if kind == "EVENT" and record.get("event") == "done":
             seen["done"] = record
+        if watch is not None:
+            for event in watch.record(kind, record):
+                report_health(event)
         if on_record is not None:
             on_record(kind, record)
 
     running = submit(job, launcher)
     log.info("submitted %s", running.description)
     tail: list[str] = []
-    code = follow(running, launcher.stop_grace_s, log, handle, tail)
+    with watchdog(watch, report_health) if watch is not None else contextlib.nullcontext():
+        code = follow(running, launcher.stop_grace_s, log, handle, tail, watch.line if watch else None)
     progress.flush()
     if code != 0:
         last = "\n".join(tail)
@@ -196,6 +211,30 @@ def run_training(
         first_step=seen["first_step"],
         done=seen["done"],
     )
+
+
+@contextlib.contextmanager
+def watchdog(watch: JobHealth, report: Callable[[HealthEvent], None]) -> Iterator[None]:
+    """Check ``watch`` for stalls from a thread while the block runs (the follower itself waits on
+    the job's output, which is what stops coming). The thread runs in the caller's context, so its
+    Prefect events name the same flow and task run."""
+    stop = threading.Event()
+    every_s = min(5.0, watch.stall.after_s / 4)
+
+    def look() -> None:
+        while not stop.wait(every_s):
+            for event in watch.check():
+                report(event)
+
+    thread = threading.Thread(
+        target=contextvars.copy_context().run, args=(look,), name="stall-watch", daemon=True
+    )
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def new_checkpoints(
@@ -263,34 +302,85 @@ def holding_devices(launcher: Launcher, log: logging.Logger) -> Iterator[None]:
             f"the run needs {occupy} {name} slots but the {name!r} concurrency limit has {limit}"
         )
     log.info("waiting for %d of %d %s slots", occupy, limit, name)
-    with concurrency(name, occupy=occupy):
+    with contextlib.ExitStack() as held:
+        held.enter_context(concurrency(name, occupy=occupy))
         log.info("holding %d %s slots", occupy, name)
         yield
+        release = held.pop_all()
+    try:
+        release.close()
+    except Exception as exc:  # the run is done: a Prefect API still away must not fail it now
+        log.warning("%s slots not released (%r); the server frees them when their lease expires", name, exc)
 
 
 class ProgressArtifact:
-    """A Prefect progress artifact for the run, created on the first report and then updated."""
+    """A Prefect progress artifact for the run, created on the first report and then updated.
 
-    def __init__(self, key: str):
-        self.key = key
+    Published from a thread, the latest report winning: a slow or restarting Prefect API (its client
+    retries for about a minute) never holds up the following of the job, and a report that could not
+    be sent is only logged; the next one brings the artifact up to date.
+    """
+
+    def __init__(self, key: str, log: logging.Logger):
+        self.key, self.log = key, log
         self.artifact_id = None
+        self._latest: tuple[float, str] | None = None
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run, args=(self._publish,), name="progress", daemon=True
+        )
+        self._thread.start()
 
     def __call__(self, percent: float, description: str) -> None:
-        if self.artifact_id is None:
-            self.artifact_id = create_progress_artifact(percent, key=self.key, description=description)
-        else:
-            update_progress_artifact(self.artifact_id, percent, description=description)
+        with self._wake:
+            self._latest = (percent, description)
+            self._wake.notify()
+
+    def close(self) -> None:
+        """Publish the last report, then stop the thread."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+
+    def _publish(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._latest is not None or self._closed)
+                report, self._latest = self._latest, None
+            if report is None:
+                return
+            try:
+                if self.artifact_id is None:
+                    self.artifact_id = create_progress_artifact(
+                        report[0], key=self.key, description=report[1]
+                    )
+                else:
+                    update_progress_artifact(self.artifact_id, report[0], description=report[1])
+            except Exception as exc:  # the Prefect API is away: the job goes on, the next report catches up
+                self.log.warning("progress artifact not updated: %r", exc)
 
 
 @task(name="train", cache_policy=NO_CACHE, retry_delay_seconds=5)
-def train(job: TrainJob, launcher: Launcher) -> TrainResult:
-    """Run the job through the launcher on held devices, streaming its log and progress to Prefect.
+def train(job: TrainJob, launcher: Launcher, health: RunHealthConfig | None = None) -> TrainResult:
+    """Run the job through the launcher on held devices, streaming its log, progress and health
+    events (tasks/run_health.py) to Prefect.
 
     A retry (``train.with_options(retries=n)``) starts the same run directory again: the trainer
     resumes from its last complete checkpoint.
     """
     log = get_run_logger()
-    with holding_devices(launcher, log):
-        return run_training(
-            job, launcher, log, publish_progress=ProgressArtifact(artifact_key("train", job.run_name))
-        )
+    progress = ProgressArtifact(artifact_key("train", job.run_name), log)
+    try:
+        with holding_devices(launcher, log):
+            return run_training(
+                job,
+                launcher,
+                log,
+                publish_progress=progress,
+                health=health,
+                report_health=lambda event: emit(event, job.run_name, log),
+            )
+    finally:
+        progress.close()

@@ -42,7 +42,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 #
 # Two "languages" of four topics each; a page uses the six words of its topic. A sentence is five
 # words and ends with . ! or ?, and the next sentence opens with a word of that mark's pair:
-# page_continuation is learnable from topic words, next_sentence from the (mark, opener) bigram.
+# page_continuation is learnable from topic words, next_sentence from the (mark, opener) bigram,
+# word_order from where the opener and the mark stand. No word repeats within a sentence: an untrained
+# model favours a token repeated right after itself, which would tell true orders (topic words
+# together) from shuffled ones (broken up by the opener and the mark).
 
 OPENERS = {".": ["so", "then"], "!": ["wow", "yes"], "?": ["who", "why"]}
 
@@ -66,7 +69,7 @@ def synthetic_pages(seed: int, n: int) -> list[bet.Document]:
         for _ in range(rng.randint(8, 10)):
             first = rng.choice(OPENERS[mark]) if mark else rng.choice(topics[topic])
             mark = rng.choice(".!?")
-            sentences.append(" ".join([first, *(rng.choice(topics[topic]) for _ in range(4))]) + mark)
+            sentences.append(" ".join([first, *rng.sample(topics[topic], 4)]) + mark)
         pages.append(bet.Document(f"doc-{seed}-{page:05d}", "xa" if topic < 4 else "xb", " ".join(sentences)))
     return pages
 
@@ -117,7 +120,7 @@ def binomial_bound(p: float, n: int, sigmas: float = 4.0) -> float:
 def test_an_untrained_model_scores_at_chance(corpus_tasks, tokenizer):
     _, tasks = corpus_tasks
     results = evaluate_tasks(untrained(tokenizer), tokenizer, tasks, prefix_id=tokenizer.token_to_id(EOT))
-    assert sorted(results) == ["next_sentence", "page_continuation"]
+    assert sorted(results) == ["next_sentence", "page_continuation", "word_order"]
     for result in results.values():
         assert result.items == 120 and result.chance == 0.25
         for acc in (result.acc, result.acc_norm):
@@ -131,9 +134,7 @@ def test_a_trained_model_scores_above_chance(corpus_tasks, tokenizer, trained):
         floor = result.chance + binomial_bound(result.chance, result.items)
         assert result.acc > floor and result.acc_norm > floor, result
     metrics = task_metrics(results)
-    assert set(metrics) == {
-        f"task/{t}/{m}" for t in ("next_sentence", "page_continuation") for m in ("acc", "acc_norm")
-    }
+    assert set(metrics) == {f"task/{t}/{m}" for t in bet.TASKS for m in ("acc", "acc_norm")}
     assert metrics["task/page_continuation/acc"] == results["page_continuation"].acc
 
 
@@ -153,6 +154,8 @@ def test_the_build_is_deterministic_and_its_items_come_from_the_documents(tmp_pa
         "page_continuation.jsonl",
         "page_continuation.yaml",
         "prompts.jsonl",
+        "word_order.jsonl",
+        "word_order.yaml",
     ]
     for name in names:
         assert (first / name).read_bytes() == (second / name).read_bytes()
@@ -178,6 +181,11 @@ def test_the_build_is_deterministic_and_its_items_come_from_the_documents(tmp_pa
         assert all(any(c in p.text for p in same_language) for c in others)
         labels.append(row["label"])
     assert set(labels) == {0, 1, 2, 3}
+    for row in map(json.loads, (first / "word_order.jsonl").read_text().splitlines()):
+        truth = row["choices"][row["label"]]
+        assert row["context"] + truth in text_of[row["id"]].text and len(set(row["choices"])) == 4
+        for choice in row["choices"]:  # the same words, in another order
+            assert sorted(choice.split(" ")) == sorted(truth.split(" ")) and len(choice) == len(truth)
     prompts = read_prompts(first / "prompts.jsonl")
     assert [p.lang for p in prompts] == ["xa"] * 3 + ["xb"] * 3
 
@@ -202,7 +210,7 @@ def test_the_build_reads_the_validation_documents_of_a_packed_dataset(corpus, tm
     build = json.loads((output / "build.json").read_text())
     assert build["source"]["packed_digest"] and build["tasks"]["next_sentence"]["items"] == 30
     tasks = load_tasks(output)
-    assert [t.name for t in tasks] == ["next_sentence", "page_continuation"]
+    assert [t.name for t in tasks] == ["next_sentence", "page_continuation", "word_order"]
     with pytest.raises(SystemExit, match="build_eval_tasks: "):
         bet.main(["--packed", str(tmp_path / "missing"), "--output", str(output)])
 

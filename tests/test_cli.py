@@ -121,8 +121,10 @@ def test_cache_status_of_a_fresh_workdir_redoes_ingest_first(tmp_path: Path, cap
     warc = snapshot_files("CC-MAIN-2026-40", "wet")[0]
     assert main(["cache", "status", "--crawl", str(warc), "--workdir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()[1:]
-    assert [line.split()[1] for line in lines] == [s for s in registry.STAGES if s != "boilerplate"]
+    assert [line.split()[1] for line in lines] == [
+        s for s in registry.STAGES if s not in ("boilerplate", "classifier")
+    ]
     assert lines[0].split()[2] == "redo" and "not run yet" in lines[0]
     assert all(line.split()[2] == "maybe" for line in lines[1:]), lines
     assert main(["cache", "invalidate", "--stage", "quality", "--workdir", str(tmp_path)]) == 0
-    assert "quality, pii, boilerplate, dedup, tokenizer, pack" in capsys.readouterr().out
+    assert "quality, classifier, pii, boilerplate, dedup, tokenizer, pack" in capsys.readouterr().out

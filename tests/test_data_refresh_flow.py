@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 
 from flows.data_refresh import cache_status
 from tasks import dataset as ds
@@ -43,6 +43,12 @@ async def _task_run_states(flow_run_id) -> dict[str, str]:
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
         )
     return {r.name: r.state.name for r in runs}
+
+
+async def _markdown_artifact(key: str) -> str | None:
+    async with get_client() as client:
+        found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    return found[0].data if found and found[0].type == "markdown" else None
 
 
 def test_data_refresh_end_to_end_then_cached(prefect_harness, crawl: Path, tmp_path_factory) -> None:
@@ -82,8 +88,8 @@ def test_data_refresh_end_to_end_then_cached(prefect_harness, crawl: Path, tmp_p
     # Every stage is in the stage-count table; training data is published as immutable versions.
     from tasks import registry
 
-    # Every stage that runs by default (boilerplate removal is off unless configured).
-    run_by_default = [s for s in registry.STAGES if s != "boilerplate"]
+    # Every stage that runs by default (boilerplate removal and classifiers are off unless configured).
+    run_by_default = [s for s in registry.STAGES if s not in ("boilerplate", "classifier")]
     assert [r["stage"] for r in result["stats"]] == run_by_default
     for name in ("tokenizer", "packed"):
         assert Path(result["outputs"][name]) == ds.resolve_version(workdir / name)
@@ -102,6 +108,9 @@ def test_data_refresh_end_to_end_then_cached(prefect_harness, crawl: Path, tmp_p
 
     states = asyncio.run(_task_run_states(first.state_details.flow_run_id))
     assert states and all(s == "Completed" for s in states.values()), states
+    # Each filtering stage's audit sample is a Markdown artifact a person can read in the UI.
+    audit = asyncio.run(_markdown_artifact("audit-cc-main-2026-40-quality"))
+    assert audit and "dropped" in audit.lower(), audit
     assert {name.split("-")[0] for name in states} >= set(run_by_default)
     assert [r.action for r in cache_status(_params(crawl, workdir)).stages] == ["cached"] * len(
         run_by_default
@@ -173,7 +182,9 @@ def test_mlflow_run_has_inputs_outputs_configs_code_and_tables(
         assert inputs[(name, "output")].digest == ds.mlflow_digest(path), name
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"stage_counts.json", "stage_counts.md", "tables"} <= artifacts
+    assert {"stage_counts.json", "stage_counts.md", "tables", "audit"} <= artifacts
+    audits = {a.path for a in client.list_artifacts(run.info.run_id, "audit/CC-MAIN-2026-40")}
+    assert {"audit/CC-MAIN-2026-40/langid.md", "audit/CC-MAIN-2026-40/quality.md"} <= audits
     counts = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/stage_counts.json")
     assert [r["stage"] for r in counts["stages"]] == [
         "ingest",

@@ -236,7 +236,9 @@ def _three_shards(tmp_path: Path, texts: dict[str, str]) -> Path:
 def test_crash_while_writing_outputs_then_rerun_gives_identical_bytes(tmp_path, neardup, monkeypatch):
     dataset = _three_shards(tmp_path, neardup[0])
     config = DedupConfig()
-    dedup_datasets([dataset], tmp_path / "clean", tmp_path / "index-clean", config, tmp_path / "w0")
+    # The index names each segment's slot (<snapshot>/dedup): both runs write the same slot.
+    clean, out = tmp_path / "clean" / "snap" / "dedup", tmp_path / "snap" / "dedup"
+    dedup_datasets([dataset], clean, tmp_path / "index-clean", config, tmp_path / "w0")
 
     calls = {"n": 0}
     real = dedup.write_rejects
@@ -249,14 +251,14 @@ def test_crash_while_writing_outputs_then_rerun_gives_identical_bytes(tmp_path, 
 
     monkeypatch.setattr(dedup, "write_rejects", crash_on_second_shard)
     with pytest.raises(RuntimeError, match="killed"):
-        dedup_datasets([dataset], tmp_path / "out", tmp_path / "index", config, tmp_path / "w1")
-    assert (tmp_path / "out" / "part-00001.parquet").exists()  # part of the output was written
-    assert not ds.manifest_path(tmp_path / "out").exists()
+        dedup_datasets([dataset], out, tmp_path / "index", config, tmp_path / "w1")
+    assert (out / "part-00001.parquet").exists()  # part of the output was written
+    assert not ds.manifest_path(out).exists()
     assert not (tmp_path / "index" / dedup.INDEX_FILE).exists()  # index untouched
     monkeypatch.setattr(dedup, "write_rejects", real)
 
-    dedup_datasets([dataset], tmp_path / "out", tmp_path / "index", config, tmp_path / "w1")
-    assert tree_bytes(tmp_path / "out") == tree_bytes(tmp_path / "clean")
+    dedup_datasets([dataset], out, tmp_path / "index", config, tmp_path / "w1")
+    assert tree_bytes(out) == tree_bytes(clean)
     assert tree_bytes(tmp_path / "index") == tree_bytes(tmp_path / "index-clean")
 
 
@@ -286,6 +288,30 @@ def test_crash_before_index_commit_and_reruns_against_a_full_index(tmp_path, nea
     for name in ("part-00000.parquet", "part-00001.parquet", "part-00002.parquet"):
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
     assert [s.sha256 for s in first.shards] == [s.sha256 for s in clean.shards]
+
+
+def test_a_new_version_of_indexed_inputs_replaces_its_old_version_instead_of_meeting_it(tmp_path, neardup):
+    """An upstream stage changed (one page edited): the snapshot's new version replaces its segment
+    and every later one; none of its documents is a duplicate of its own old copy."""
+    texts = neardup[0]
+    ids = sorted(texts)[:160]
+    old = write_dataset(tmp_path / "old", [[doc(i, texts[i], "2026-01-01") for i in ids[:120]]])
+    later = write_dataset(tmp_path / "later", [[doc(i, texts[i], "2026-02-01") for i in ids[120:]]])
+    edited = {**{i: texts[i] for i in ids[:120]}, ids[0]: texts[ids[0]] + " An edited last sentence."}
+    new = write_dataset(tmp_path / "new", [[doc(i, edited[i], "2026-01-01") for i in ids[:120]]])
+    index, config = tmp_path / "index", DedupConfig()
+    alone = dedup_datasets([new], tmp_path / "alone" / "dedup", None, config, tmp_path / "w")
+
+    dedup_datasets([old], tmp_path / "snap-1" / "dedup", index, config, tmp_path / "w")
+    dedup_datasets([later], tmp_path / "snap-2" / "dedup", index, config, tmp_path / "w")
+    again = dedup_datasets([new], tmp_path / "snap-1" / "dedup", index, config, tmp_path / "w")
+
+    assert again.extra["dedup"]["index_replaced_earlier_version"]
+    assert kept_ids(tmp_path / "snap-1" / "dedup") == kept_ids(tmp_path / "alone" / "dedup")
+    assert again.rows == alone.rows > 100
+    segments = json.loads((index / dedup.INDEX_FILE).read_text())["segments"]
+    assert [s["slot"] for s in segments] == ["snap-1/dedup"]  # snap-2 redoes after it (its key chains)
+    assert sorted(p.name for p in (index / "segments").iterdir()) == [segments[0]["name"]]
 
 
 def test_index_built_with_other_parameters_is_refused(tmp_path, neardup):

@@ -1,5 +1,6 @@
-"""deployment.yaml applied by `infra.local.up` to a real Prefect server: the three deployments with
-their work pool and run forms, and the nightly schedule producing runs at 02:00 UTC."""
+"""deployment.yaml applied by `infra.local.up` to a real Prefect server: the four deployments with
+their work pool and run forms, the nightly schedule producing runs at 02:00 UTC, and the run-health
+automations (tests/test_run_health.py shows them firing)."""
 
 from __future__ import annotations
 
@@ -31,12 +32,18 @@ def deployments(platform: local.Platform) -> dict[str, dict]:
 def test_deployment_file_names_real_flows_and_pools() -> None:
     spec = yaml.safe_load((REPO / "deployment.yaml").read_text())
     by_name = {d["name"]: d for d in spec["deployments"]}
-    assert set(by_name) == {"data-refresh", "pretrain", "evaluate"}
+    assert set(by_name) == {"data-refresh", "pretrain", "evaluate", "ablation"}
     for deployment in by_name.values():
         path, _, function = deployment["entrypoint"].partition(":")
         assert f"def {function}(" in (REPO / path).read_text()
         assert deployment["work_pool"]["name"] == local.WORK_POOL
     assert spec["definitions"]["work_pools"]["gpu"]["job_variables"]["env"]["CUDA_VISIBLE_DEVICES"]
+    # Every automation trigger expects events tasks/run_health.py emits.
+    from tasks.run_health import EVENT_PREFIX
+
+    kinds = ("loss-spike", "recovery", "nonfinite-skipped", "throughput-drop", "stalled", "eval-regression")
+    for automation in spec["automations"]:
+        assert set(automation["trigger"]["expect"]) <= {f"{EVENT_PREFIX}.{kind}" for kind in kinds}
 
 
 @pytest.mark.slow
@@ -47,7 +54,7 @@ def test_up_applies_the_deployments(platform: local.Platform) -> None:
     while any(d["status"] != "READY" for d in applied.values()) and time.monotonic() < deadline:
         time.sleep(2)
         applied = deployments(platform)
-    assert set(applied) == {"data-refresh", "pretrain", "evaluate"}
+    assert set(applied) == {"data-refresh", "pretrain", "evaluate", "ablation"}
     for deployment in applied.values():
         assert deployment["work_pool_name"] == local.WORK_POOL
         assert deployment["status"] == "READY"  # the worker started by `up` polls the pool
@@ -65,6 +72,12 @@ def test_up_applies_the_deployments(platform: local.Platform) -> None:
     assert nightly["schedules"][0]["active"]
     assert nightly["global_concurrency_limit"]["limit"] == 1
     assert applied["pretrain"]["schedules"] == [] and applied["evaluate"]["schedules"] == []
+    # The run-health automations (deployment.yaml's `automations:`), for the UI's Automations page.
+    automations = {a["name"]: a for a in api(platform, "automations/filter", {})}
+    shipped = [a["name"] for a in yaml.safe_load((REPO / "deployment.yaml").read_text())["automations"]]
+    assert sorted(automations) == sorted(shipped)
+    assert all(a["enabled"] for a in automations.values())
+    assert automations["pretrain-cancel-stalled-run"]["actions"][0]["type"] == "cancel-flow-run"
 
 
 @pytest.mark.slow

@@ -249,7 +249,9 @@ def test_per_language_metrics_at_every_checkpoint_go_into_the_training_run(
         assert [m.step for m in history[key]] == steps, key
     assert all(history[f"val/bpb/source/{s}"] for s in sources)
     tasks = [
-        f"task/{name}/{m}" for name in ("next_sentence", "page_continuation") for m in ("acc", "acc_norm")
+        f"task/{name}/{m}"
+        for name in ("next_sentence", "page_continuation", "word_order")
+        for m in ("acc", "acc_norm")
     ]
     for key in tasks:
         assert [m.step for m in history[key]] == steps, key
@@ -287,6 +289,22 @@ def test_full_eval_equals_the_plain_mean_cross_entropy(trained, packed_dir):
     assert out.loss == pytest.approx(plain, rel=1e-5)
     slices = [r for r in out.table if r.kind == "slice"]
     assert sum(r.tokens for r in slices) == out.tokens == windows[:, 1:].numel()
+
+
+def test_the_eval_on_the_training_ranks_is_the_eval_of_the_checkpoint(packed_dir, tmp_path):
+    checkpoint = hand_made_run(tmp_path, packed_dir, 512)
+    inputs = me.resolve_inputs(checkpoint)
+    config = me.EvalConfig(max_tokens=3000, on_training_ranks=True)
+    # The trainer's hook on its (here unsharded) model: a plain copy of the weights is evaluated.
+    trained = me.load_model(inputs, torch.device("cpu"))
+    run_config = inputs.config.model_copy(update={"eval": config})
+    result = me.TrainingEval(run_config, 0, 1, torch.device("cpu"))(trained, 5)
+    assert result.checkpoint == str(checkpoint) and result.step == 5
+    assert me.read_training_eval(checkpoint, timeout_s=0) == result  # what the flow reads and logs
+    alone = me.evaluate_checkpoint(checkpoint, config)
+    assert result.metrics == pytest.approx(alone.metrics, rel=1e-6) and result.tokens == alone.tokens
+    with pytest.raises(me.EvalInputError, match=r"no eval of .* from the training ranks"):
+        me.read_training_eval(checkpoint.parent / "step-6", timeout_s=0)
 
 
 # ---------------------------------------------------------------------------------------------

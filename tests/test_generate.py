@@ -174,9 +174,12 @@ def test_samples_markdown_is_deterministic_and_readable():
     settings = {"max_new_tokens": 12, "temperature": 0.8, "top_k": 50, "seed": 0}
     samples = generate_samples(model, tokenizer, prompts, stop_id=eot, **settings)
     assert [s.prompt for s in samples] == [p.text for p in prompts]
-    for sample in samples:
-        ids = tokenizer.encode(sample.prompt, add_special_tokens=False).ids
-        assert sample.greedy == tokenizer.decode(generate(model, [eot, *ids], 12, stop_id=eot))
+    encoded = [tokenizer.encode(sample.prompt, add_special_tokens=False).ids for sample in samples]
+    width = max(map(len, encoded)) + 1
+    for sample, ids in zip(samples, encoded, strict=True):
+        # decoded in one batch: each prompt after end-of-text tokens up to the longest's length
+        padded = [eot] * (width - len(ids)) + ids
+        assert sample.greedy == tokenizer.decode(generate(model, padded, 12, stop_id=eot))
     markdown = samples_markdown(model, tokenizer, prompts, step=120, stop_id=eot, **settings)
     assert markdown == render_samples(samples, 120, **settings)  # the same samples again: deterministic
     assert markdown.startswith("# Samples at step 120\n")

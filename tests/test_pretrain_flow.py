@@ -336,8 +336,8 @@ def test_bad_inputs_fail_clearly(packed_dir, tmp_path, prefect_api):
         small_run(packed_dir, tmp_path, "bad-model", model="9B")
 
 
-# The fields the flow sets itself: where the run reads and writes, and its MLflow run.
-FLOW_SET = {"data_dir", "checkpoint_dir", "mlflow"}
+# The fields the flow sets itself: where the run reads and writes, its MLflow run, the on-rank eval.
+FLOW_SET = {"data_dir", "checkpoint_dir", "mlflow", "eval"}
 
 
 def test_the_form_nests_every_trainer_setting_with_its_one_description():
@@ -353,7 +353,8 @@ def test_the_form_nests_every_trainer_setting_with_its_one_description():
     for name in ("fsdp_prefetch", "attention_kernel", "health", "checkpoint_async"):
         assert name in settings, name
     assert settings["model"]["enum"] == list(PRESETS)  # presets from the model's own table
-    assert not FLOW_SET & set(schema["properties"]) - {"data_dir"}  # data_dir: the data to pin
+    # data_dir: the data to pin; eval: the flow's eval settings, passed to the ranks when they evaluate
+    assert not FLOW_SET & set(schema["properties"]) - {"data_dir", "eval"}
     assert schema["properties"]["launcher"]["discriminator"]["propertyName"] == "kind"
 
 

@@ -22,6 +22,7 @@ def test_every_stage_once_in_run_order_with_computed_modules() -> None:
         "ingest",
         "langid",
         "quality",
+        "classifier",
         "pii",
         "boilerplate",
         "dedup",
