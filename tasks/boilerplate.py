@@ -416,21 +416,25 @@ def _batch_key(input_dirs: list[Path]) -> str:
     return hashlib.sha256("\n".join(ds.dataset_digest(d) for d in input_dirs).encode()).hexdigest()
 
 
-def _commit(index_dir: Path, index: dict[str, Any], built: Path, batch_key: str, fingerprint: dict) -> None:
+def _commit(
+    index_dir: Path, index: dict[str, Any], built: Path, slot: str, batch_key: str, fingerprint: dict
+) -> None:
     """Rename the new generation into place, then replace index.json (the moment it counts)."""
     name = f"gen-{len(index['generations']):05d}-{batch_key[:12]}"
     final = index_dir / "generations" / name
     tmp = index_dir / "generations" / f".{name}.tmp"
-    remove_unlisted(final.parent, {g["name"] for g in index["generations"]})  # a killed run's
+    committed = {g["name"] for g in _read_index(index_dir)["generations"]}  # what readers may still use
+    remove_unlisted(final.parent, committed)  # a killed run's leftovers
     final.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(built, tmp, dirs_exist_ok=False)
     tmp.rename(final)
     updated = {
         "format": INDEX_FORMAT,
         "fingerprint": fingerprint,
-        "generations": [*index["generations"], {"name": name, "batch_key": batch_key}],
+        "generations": [*index["generations"], {"name": name, "slot": slot, "batch_key": batch_key}],
     }
     atomic_write_text(index_dir / INDEX_FILE, json.dumps(updated, indent=2, sort_keys=True) + "\n")
+    remove_unlisted(final.parent, {g["name"] for g in updated["generations"]})  # replaced ones
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,9 +469,11 @@ def boilerplate_datasets(
         if "text" not in pq.read_schema(shard).names:
             raise ValueError(f"{shard}: no 'text' column: not a document dataset")
     batch_key = _batch_key(input_dirs)
-    applied = [g["batch_key"] for g in index["generations"]]
-    # Inputs already in the index: count from the generation before theirs, add nothing.
-    position = applied.index(batch_key) if batch_key in applied else len(applied)
+    slot = f"{output_dir.parent.name}/{output_dir.name}"  # e.g. <snapshot>/boilerplate
+    # Counts from the generation before these inputs' place (tasks/dataset.py index_position).
+    position, indexed = ds.index_position(index["generations"], batch_key, slot)
+    if not indexed:  # a re-processed snapshot replaces its old generation and every later one
+        index = {**index, "generations": index["generations"][:position]}
     base = index_path / "generations" / index["generations"][position - 1]["name"] if position else None
 
     shutil.rmtree(work, ignore_errors=True)  # a re-run never trusts a dead run's spill
@@ -485,7 +491,7 @@ def boilerplate_datasets(
         audit = ds.rows_to_table(stage.audit[audit_from:], AUDIT_SCHEMA)
         audit_shards.append(ds.write_table(audit, output_dir / "audit" / shard_name(i)))
     report = _report(stage, marked, sizes, config)
-    report["index_already_had_inputs"] = batch_key in applied
+    report["index_already_had_inputs"] = indexed
     schema = stage.output_schema(pq.read_schema(shards[0]) if shards else ds.DOCUMENT_SCHEMA)
     code, inputs = code_version(sys.modules[__name__]), [ds.input_ref(d) for d in input_dirs]
     ds.write_manifest(
@@ -502,8 +508,8 @@ def boilerplate_datasets(
     manifest = finalize_dataset(
         output_dir, STAGE, results, schema, config, code, inputs, extra={"boilerplate": report}
     )
-    if index_path is not None and batch_key not in applied and shards:
-        _commit(index_path, index, work / "counts", batch_key, fingerprint)
+    if index_path is not None and not indexed and shards:
+        _commit(index_path, index, work / "counts", slot, batch_key, fingerprint)
     shutil.rmtree(work, ignore_errors=True)
     return manifest
 

@@ -248,6 +248,21 @@ def mlflow_digest(dataset_dir: str | os.PathLike[str]) -> str:
     return dataset_digest(dataset_dir)[:32]
 
 
+def index_position(entries: list[dict[str, Any]], batch_key: str, slot: str) -> tuple[int, bool]:
+    """Where a batch of inputs stands in a persistent index (entries with ``batch_key`` and ``slot``,
+    oldest first): (how many entries it is checked against, whether it is in the index already).
+
+    Inputs already indexed are checked against the entries before theirs. A new version of indexed
+    inputs (same slot, e.g. ``<snapshot>/dedup``, another batch key: an upstream stage changed)
+    replaces its old entry and every later one, never meeting its old self; the later snapshots'
+    cache keys chain this one's, so they redo and come back. Other inputs go last."""
+    keys = [e["batch_key"] for e in entries]
+    if batch_key in keys:
+        return keys.index(batch_key), True
+    slots = [e.get("slot") for e in entries]
+    return (slots.index(slot) if slot in slots else len(entries)), False
+
+
 def input_ref(dataset_dir: str | os.PathLike[str]) -> InputRef:
     return InputRef(path=str(Path(dataset_dir).resolve()), digest=dataset_digest(dataset_dir))
 

@@ -675,18 +675,11 @@ def dedup_datasets(
         )
     batch_key = _batch_key(input_dirs)
     slot = f"{output_dir.parent.name}/{output_dir.name}"  # e.g. <snapshot>/dedup: what the inputs are
-    applied = [s["batch_key"] for s in index["segments"]]
-    slots = [s.get("slot") for s in index["segments"]]
-    replaced = batch_key not in applied and slot in slots
-    if batch_key in applied:  # inputs already in the index: dedup against what it held before them
-        segments = index["segments"][: applied.index(batch_key)]
-    elif replaced:
-        # A new version of indexed inputs (an upstream stage changed): it replaces the old version and
-        # every later segment, never meets itself; the later snapshots' keys chain this one's, so they redo.
-        index = {**index, "segments": index["segments"][: slots.index(slot)]}
-        segments = index["segments"]
-    else:
-        segments = index["segments"]
+    position, indexed = ds.index_position(index["segments"], batch_key, slot)
+    replaced = not indexed and position < len(index["segments"])
+    segments = index["segments"][:position]
+    if not indexed:
+        index = {**index, "segments": segments}
     sources = _index_sources(index_path, segments) if index_path else []
     first_new = sum(s.rows for s in sources)
 
@@ -746,7 +739,7 @@ def dedup_datasets(
             "peak_partition_bytes": run.peak_partition_bytes,
             "peak_sketch_shard_bytes": peak_sketch,
             "indexed_documents": first_new,
-            "index_already_had_inputs": batch_key in applied,
+            "index_already_had_inputs": indexed,
             "index_replaced_earlier_version": replaced,
         }
     )
@@ -763,7 +756,7 @@ def dedup_datasets(
         [ds.input_ref(d) for d in input_dirs],
         extra={"dedup": report},
     )
-    if index_path is not None and batch_key not in applied:
+    if index_path is not None and not indexed:
         new_sources = sources[len(sources) - len(shards) :]
         _add_segment(index_path, index, slot, batch_key, new_sources, decisions, root_ids, fingerprint)
     shutil.rmtree(work, ignore_errors=True)

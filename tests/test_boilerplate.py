@@ -123,6 +123,32 @@ def test_incremental_refresh_equals_one_batch_in_counts_and_outputs(tmp_path, sn
     assert rerun == first
 
 
+def test_a_reprocessed_snapshot_replaces_its_counts_instead_of_adding_them_again(tmp_path, snapshot_datasets):
+    """An upstream stage changed one snapshot's documents: its counts replace its old generation (and
+    the later ones, whose keys chain it), so no line is counted twice."""
+    old, new = (snapshot_datasets[s] for s in SNAPSHOTS)
+    config = BoilerplateConfig(partitions=4)
+    rows = list(ds.iter_rows(old))
+    changed = write_dataset(tmp_path / "changed", [rows[: len(rows) - 3]])  # three pages filtered out
+    fresh = boilerplate_datasets(
+        [changed], tmp_path / "a" / "s40", tmp_path / "fresh", config, tmp_path / "w"
+    )
+
+    index = tmp_path / "index"
+    boilerplate_datasets([old], tmp_path / "s40", index, config, tmp_path / "w")
+    boilerplate_datasets([new], tmp_path / "s44", index, config, tmp_path / "w")
+    again = boilerplate_datasets([changed], tmp_path / "s40", index, config, tmp_path / "w")
+
+    assert again.rows == fresh.rows and not again.extra["boilerplate"]["index_already_had_inputs"]
+    assert list(ds.iter_rows(tmp_path / "s40")) == list(ds.iter_rows(tmp_path / "a" / "s40"))
+    (generation,) = json.loads((index / boilerplate.INDEX_FILE).read_text())["generations"]
+    (fresh_generation,) = json.loads((tmp_path / "fresh" / boilerplate.INDEX_FILE).read_text())["generations"]
+    assert tree_bytes(index / "generations" / generation["name"]) == tree_bytes(
+        tmp_path / "fresh" / "generations" / fresh_generation["name"]
+    )
+    assert [p.name for p in (index / "generations").iterdir()] == [generation["name"]]
+
+
 def page(doc_id: str, host: str, *lines: str) -> dict:
     return {"doc_id": doc_id, "text": "\n".join(lines), "url": f"https://{host}/{doc_id}", "snapshot": "s1"}
 

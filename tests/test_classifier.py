@@ -202,6 +202,8 @@ def test_data_refresh_with_the_classifier(prefect_harness, crawl, models, tmp_pa
     snapshot = tmp_path / "work" / "CC-MAIN-2026-40"
     quality, classified, pii = (ds.verify(snapshot / s) for s in ("quality", "classifier", "pii"))
     assert classified.inputs[0].digest == ds.dataset_digest(snapshot / "quality")
+    # The manifest's code version is the one in the stage's cache key (tests/test_registry.py: the rest).
+    assert classified.code_version == registry.stage("classifier").code_version()
     assert pii.inputs[0].digest == ds.dataset_digest(snapshot / "classifier")
     stats = classified.stats
     assert stats["docs_in"] == quality.rows

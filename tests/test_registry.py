@@ -88,7 +88,7 @@ def chain(tmp_path_factory) -> dict[str, ds.Manifest]:
 
 
 def test_manifest_code_version_is_the_cache_keys(chain: dict[str, ds.Manifest]) -> None:
-    assert set(chain) == set(registry.STAGES)
+    assert set(chain) == set(registry.STAGES) - {"classifier"}  # needs a trained model: test_classifier.py
     for name, manifest in chain.items():
         spec = registry.stage(name)
         key = st.CacheKey(stage=name, config={}, modules=spec.module_hashes(), inputs=[])

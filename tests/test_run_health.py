@@ -254,17 +254,20 @@ def test_training_health_events_reach_prefect_and_the_stall_cancels(
         related = {r["prefect.resource.id"]: r for r in event["related"]}
         assert related[f"prefect.flow-run.{flow_run_id}"]["prefect.resource.role"] == "flow-run"
         assert any(r.startswith("prefect.task-run.") for r in related)  # Prefect added the task run
-    # The automation's own record of acting on the stall.
-    triggered = post(
-        api,
-        "events/filter",
-        {
-            "filter": {
-                "event": {"prefix": ["prefect.automation."]},
-                "related": {"id": [f"prefect.flow-run.{flow_run_id}"]},
-            }
-        },
-    )["events"]
+    # The automation's own record of acting on the stall (persisted asynchronously too).
+    own_record = {
+        "filter": {
+            "event": {"prefix": ["prefect.automation."]},
+            "related": {"id": [f"prefect.flow-run.{flow_run_id}"]},
+        }
+    }
+    deadline = time.monotonic() + 30
+    triggered = post(api, "events/filter", own_record)["events"]
+    while time.monotonic() < deadline and not any(
+        e["event"] == "prefect.automation.action.executed" for e in triggered
+    ):
+        time.sleep(0.5)
+        triggered = post(api, "events/filter", own_record)["events"]
     assert any(e["event"] == "prefect.automation.action.executed" for e in triggered), json.dumps(triggered)[
         :2000
     ]
