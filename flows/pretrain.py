@@ -28,6 +28,7 @@ from model.tracking import find_or_create_run
 from tasks import dataset as ds
 from tasks import evaluate as ev
 from tasks import run_tracking as rt
+from tasks import storage
 from tasks.launchers import (
     Launcher,
     LocalLauncher,
@@ -101,15 +102,17 @@ class PretrainResult(BaseModel):
 
 def pinned_data_dir(run_dir: RunDir, requested: str | Path, log: logging.Logger) -> Path:
     """The data version the run trains on: the one in its run.json once it has started (LATEST may
-    have moved since), else ``requested`` resolved to its current version."""
+    have moved since), else ``requested`` resolved to its current version. Data on object storage
+    (``s3://``) is fetched into its local staging copy, which the trainer reads."""
+    remote = storage.is_remote(str(requested))
     if run_dir.config_path.is_file():
         pinned = load_config(run_dir.config_path).data_dir
-        current = ds.resolve_version(requested)
-        if current != pinned:
+        current = None if remote else ds.resolve_version(requested)  # remote: no download to compare
+        if current is not None and current != pinned:
             log.warning("run %s stays on its data version %s (%s now resolves to %s)",
                         run_dir.name, pinned, requested, current)  # fmt: skip
         return pinned
-    return ds.resolve_version(requested)
+    return storage.fetch(str(requested)) if remote else ds.resolve_version(requested)
 
 
 def logged_params(params: PretrainParams) -> dict[str, str]:

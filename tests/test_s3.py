@@ -119,6 +119,12 @@ def test_refresh_on_s3_gives_the_local_digests(
     assert packed.parent.name == ds.VERSIONS
     ds.verify(packed)
     assert ds.dataset_digest(packed) == local_digests["packed"]
+    # The pretrain flow pins that copy for a run whose data_dir is on the store.
+    from flows.pretrain import pinned_data_dir
+    from model.run_dir import RunDir
+
+    run_dir = RunDir.of(tmp_path / "runs", "on-s3")
+    assert pinned_data_dir(run_dir, f"{workdir}/packed", logging.getLogger("test")) == packed
 
 
 class Killed(BaseException):
