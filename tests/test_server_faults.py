@@ -173,6 +173,16 @@ def step_reached(step: int) -> Callable[[str], bool]:
     return lambda line: "METRIC {" in line and json.loads(line.split("METRIC ", 1)[1])["step"] >= step
 
 
+def restart_at_step_5(server: Server, out: Lines) -> tuple[float, float]:
+    """Kill the server once training reached step 5, start it again 3 s later: (killed, back) times."""
+    out.wait_for(step_reached(5))
+    server.kill()
+    killed_at = time.monotonic()
+    time.sleep(3)
+    server.start()
+    return killed_at, time.monotonic()
+
+
 def tiny_run(packed: Path, root: Path, name: str, mlflow: MlflowConfig | None = None) -> TrainJob:
     job = TrainJob(run_dir=RunDir.of(root / "runs", name), total_steps=STEPS)
     config = TrainConfig(
@@ -202,12 +212,7 @@ def test_mlflow_server_killed_and_restarted_loses_no_metric(
     trainer = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = Lines(trainer)
     try:
-        out.wait_for(step_reached(5))
-        server.kill()
-        killed_at = time.monotonic()
-        time.sleep(3)
-        server.start()
-        back_at = time.monotonic()
+        killed_at, back_at = restart_at_step_5(server, out)
         assert trainer.wait(timeout=300) == 0, "\n".join(out.text()[-40:])
     finally:
         if trainer.poll() is None:
@@ -300,12 +305,7 @@ def test_prefect_server_killed_and_restarted_the_run_completes(packed: Path, tmp
         )  # fmt: skip
         out = Lines(runner)
         try:
-            out.wait_for(step_reached(5))
-            server.kill()
-            killed_at = time.monotonic()
-            time.sleep(3)
-            server.start()
-            back_at = time.monotonic()
+            killed_at, back_at = restart_at_step_5(server, out)
             assert runner.wait(timeout=300) == 0, "\n".join(out.text()[-60:])
         finally:
             if runner.poll() is None:
