@@ -21,7 +21,6 @@ of each language passes. Documents without a ``lang`` column (a plain file) get 
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 from collections.abc import Iterable, Iterator
@@ -132,6 +131,12 @@ class ClassifierConfig(BaseModel):
         return models
 
 
+def load_model(path: str, sha256: str) -> fasttext.FastText._FastText:
+    """A classifier model, loaded once per process, after checking its sha256."""
+    fix = "the model changed since the config was written (remove sha256 to take the new one)"
+    return langid.load_fasttext(path, sha256, "classifier model", fix)
+
+
 def model_files(path: str | Path) -> tuple[Path, dict[str, Any]]:
     """The model file and the manifest beside it ({} for a bare fastText file)."""
     path = Path(path)
@@ -146,18 +151,6 @@ def model_files(path: str | Path) -> tuple[Path, dict[str, Any]]:
             f"classifier model not found at {path}: train one with `pretrain classifier train`"
         )
     return path, {}
-
-
-@functools.cache
-def load_model(path: str, sha256: str) -> fasttext.FastText._FastText:
-    """Load a fastText model once per process, after checking its sha256."""
-    actual = ds.sha256_file(path)
-    if actual != sha256:
-        raise ValueError(
-            f"classifier model {path} has sha256 {actual}, but the config expects {sha256}: "
-            "the model changed since the config was written (remove sha256 to take the new one)"
-        )
-    return fasttext.load_model(path)
 
 
 def model_input(text: str, lang: str | None, language_aware: bool, max_chars: int | None) -> str:
@@ -210,7 +203,11 @@ class ClassifierStage(DocumentStage):
 
     def process(self, docs: Iterable[Document], stats: StageStats) -> Iterator[Document]:
         models = [
-            (spec, load_model(str(model_files(spec.path)[0]), spec.sha256)) for spec in self.config.models
+            (
+                spec,
+                load_model(str(model_files(spec.path)[0]), spec.sha256),
+            )
+            for spec in self.config.models
         ]
         docs = iter(docs)
         while batch := list(itertools.islice(docs, self.config.batch_size)):

@@ -151,21 +151,23 @@ def _language_code(code: str) -> str:
 
 
 @functools.cache
+def load_fasttext(path: str, sha256: str | None, what: str, fix: str) -> fasttext.FastText._FastText:
+    """A fastText model (``what``), loaded once per process, after checking its sha256 if one is
+    given; a mismatch is one line ending with ``fix``."""
+    if sha256 is not None and (actual := ds.sha256_file(path)) != sha256:
+        raise ValueError(f"{what} {path} has sha256 {actual}, but the config expects {sha256}: {fix}")
+    return fasttext.load_model(path)
+
+
 def load_model(path: str, sha256: str | None = None) -> fasttext.FastText._FastText:
-    """Load a fastText model once per process, after checking its sha256 if one is given."""
+    """The language-ID model, checked against ``sha256`` if one is given."""
     if not Path(path).is_file():
         raise FileNotFoundError(
             f"fastText language-ID model not found at {path}: run infra/setup.sh, or point "
             f"${MODEL_PATH_ENV} or the stage config's model_path at lid.176.ftz / lid.176.bin"
         )
-    if sha256 is not None:
-        actual = ds.sha256_file(path)
-        if actual != sha256:
-            raise ValueError(
-                f"language-ID model {path} has sha256 {actual}, but the config expects {sha256}: "
-                "wrong or corrupt file (set model_sha256 to the file's checksum, or empty to skip the check)"
-            )
-    return fasttext.load_model(path)
+    fix = "wrong or corrupt file (set model_sha256 to the file's checksum, or empty to skip the check)"
+    return load_fasttext(path, sha256, "language-ID model", fix)
 
 
 def model_languages(model: fasttext.FastText._FastText) -> set[str]:
