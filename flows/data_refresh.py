@@ -184,8 +184,7 @@ def crawl_files(params: DataRefreshParams) -> dict[str, list[str]]:
 def cache_status(params: DataRefreshParams) -> pt.StatusRunner:
     """Which stages a refresh with ``params`` would redo, and why, without running anything."""
     status = pt.StatusRunner()
-    if storage.is_remote(params.workdir):
-        storage.Mirror(params.workdir).pull()
+    storage.pulled_mirror(params.workdir)  # on object storage: read its committed state
     plan(params, crawl_files(params), status)
     return status
 
@@ -211,9 +210,7 @@ def refresh(params: DataRefreshParams) -> dict:
     )
     report = pt.RefreshReport()
     # A workdir on object storage: pull its committed state, publish each stage as it completes.
-    mirror = storage.Mirror(params.workdir) if storage.is_remote(params.workdir) else None
-    if mirror is not None:
-        mirror.pull()
+    mirror = storage.pulled_mirror(params.workdir)
     outputs = plan(params, crawl, pt.PrefectRunner(report, mirror))
     report.publish()
     mlflow_uri, mlflow_run = pt.log_refresh_to_mlflow(params, report)

@@ -345,6 +345,16 @@ class Mirror:
         self._upload(pointer)
 
 
+def pulled_mirror(workdir: str) -> Mirror | None:
+    """For a workdir on object storage, its mirror with the committed state pulled into staging;
+    None for a local workdir."""
+    if not is_remote(workdir):
+        return None
+    mirror = Mirror(workdir)
+    mirror.pull()
+    return mirror
+
+
 def fetch(url: str) -> Path:
     """A local copy of the dataset at ``url`` (a published root: its LATEST version), for readers of
     files such as the trainer. Returns the local dataset dir (in ``staging_dir(url)``)."""
