@@ -59,7 +59,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from tokenizers import Tokenizer
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from model.model import Transformer
+from model.model import KVCache, Transformer
 
 OUTPUT_TYPES = ("multiple_choice", "loglikelihood")
 
@@ -353,45 +353,116 @@ def target_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tenso
     return nll.view(targets.shape), correct.view(targets.shape)
 
 
+def _round_up(n: int) -> int:
+    return -(-n // WIDTH_STEP) * WIDTH_STEP
+
+
 @torch.no_grad()
 def loglikelihoods(
     model: Transformer, requests: list[tuple[list[int], list[int]]], batch_tokens: int = 16384
 ) -> list[tuple[float, bool]]:
     """Per (context, continuation) ids: the summed log-probability of the continuation and whether it
-    is the greedy continuation. Rows are sorted by length and right-padded into batches of at most
-    ``batch_tokens`` tokens, widths rounded up to ``WIDTH_STEP``; one forward per batch, and the host
-    waits for the device once, at the end."""
+    is the greedy continuation.
+
+    The requests of one context (a multiple-choice item's choices) share one pass over it: a batch's
+    contexts are left-padded to one width and run through a KV cache (``Transformer.forward_cached``;
+    padding slots masked), then every continuation runs after its own context's cached keys and
+    values, so each context is computed once instead of once per choice. Widths are rounded up to
+    ``WIDTH_STEP``; a batch holds about ``batch_tokens`` positions; the host waits for the device
+    once, at the end. A context longer than the model's window keeps its last tokens, as many as the
+    longest continuation of that context leaves room for (lm-eval cuts per continuation)."""
     max_len = model.cfg.max_seq_len
-    rows = []
-    for context, continuation in requests:
+    contexts: dict[tuple[int, ...], list[int]] = {}  # context ids -> the requests that continue it
+    for i, (context, continuation) in enumerate(requests):
         if not continuation or not context:
             raise ValueError("a request needs a non-empty context (or prefix_id) and continuation")
-        rows.append(((context + continuation)[-(max_len + 1) :], min(len(continuation), max_len)))
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-    device = model.rope_cos.device
-    scores, greedy = [], []
-    start = 0
+        contexts.setdefault(tuple(context), []).append(i)
+    continuations = [continuation[-max_len:] for _, continuation in requests]
+    groups = []  # (context ids kept, request ids), the longest contexts first
+    for context, members in contexts.items():
+        room = max_len + 1 - max(len(continuations[i]) for i in members)
+        groups.append((list(context[-room:]), members))
+    groups.sort(key=lambda group: -len(group[0]))
+    scores, greedy, order = [], [], []
     with sdpa_kernel(TASK_KERNELS):
-        while start < len(order):
-            width = min(-(-(len(rows[order[start]][0]) - 1) // WIDTH_STEP) * WIDTH_STEP, max_len)
-            batch = order[start : start + max(1, batch_tokens // width)]
-            tokens = torch.zeros(len(batch), width + 1, dtype=torch.long)
-            scored = torch.zeros(len(batch), width, dtype=torch.bool)  # the continuation's targets
-            for j, i in enumerate(batch):
-                ids, n = rows[i]
-                tokens[j, : len(ids)] = torch.tensor(ids)
-                scored[j, len(ids) - 1 - n : len(ids) - 1] = True
-            tokens, scored = tokens.to(device), scored.to(device)
-            nll, correct = target_nll(model(tokens[:, :-1]), tokens[:, 1:])
-            scores.append(-(nll * scored).sum(-1))
-            greedy.append((correct | ~scored).all(-1))
-            start += len(batch)
-    results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+        start = 0
+        while start < len(groups):
+            end, context_len, step_len = start, 0, 0
+            while end < len(groups):  # grow the batch while its padded positions fit batch_tokens
+                context, members = groups[end]
+                c = max(context_len, len(context))
+                q = max(step_len, *(len(continuations[i]) - 1 for i in members))
+                widths = _batch_widths(c, q, max_len)
+                rows = sum(len(m) for _, m in groups[start : end + 1])
+                over = c + q > max_len or (end + 1 - start) * widths[0] + rows * widths[1] > batch_tokens
+                if end > start and over:  # a group alone always fits the window
+                    break
+                context_len, step_len, end = c, q, end + 1
+            batch = groups[start:end]
+            ll, hit = _score_batch(
+                model, batch, continuations, *_batch_widths(context_len, step_len, max_len)
+            )
+            scores.append(ll)
+            greedy.append(hit)
+            order += [i for _, members in batch for i in members]
+            start = end
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     if order:
         ordered = zip(order, torch.cat(scores).tolist(), torch.cat(greedy).tolist(), strict=True)
         for i, ll, hit in ordered:
             results[i] = (ll, hit)
     return results
+
+
+def _batch_widths(context_len: int, step_len: int, max_len: int) -> tuple[int, int]:
+    """The padded widths of a batch's contexts and continuation steps (each rounded up to
+    ``WIDTH_STEP`` where the model's window leaves room)."""
+    steps = min(_round_up(step_len), max_len - context_len)
+    return min(_round_up(context_len), max_len - steps), steps
+
+
+def _score_batch(
+    model: Transformer,
+    groups: list[tuple[list[int], list[int]]],
+    continuations: list[list[int]],
+    context_width: int,
+    step_width: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-likelihood, greedy) of each request of ``groups``, in their order, on the device."""
+    device = model.rope_cos.device
+    contexts = torch.zeros(len(groups), context_width, dtype=torch.long)
+    key_valid = torch.ones(len(groups), context_width + step_width, dtype=torch.bool)
+    for g, (context, _) in enumerate(groups):
+        contexts[g, context_width - len(context) :] = torch.tensor(context)
+        key_valid[g, : context_width - len(context)] = False
+    members = [i for _, m in groups for i in m]
+    context_of = torch.tensor([g for g, (_, m) in enumerate(groups) for _ in m])
+    firsts = torch.tensor([continuations[i][0] for i in members])
+    # The rest of each continuation: fed its tokens but the last, scored at the positions (flat
+    # indices, made here so the device never has to be asked) that predict its second token on.
+    steps = torch.zeros(len(members), step_width, dtype=torch.long)
+    scored_at, targets, row_of = [], [], []
+    for r, i in enumerate(members):
+        continuation = continuations[i]
+        steps[r, : len(continuation) - 1] = torch.tensor(continuation[:-1])
+        scored_at += range(r * step_width, r * step_width + len(continuation) - 1)
+        targets += continuation[1:]
+        row_of += [r] * (len(continuation) - 1)
+    contexts, key_valid, context_of = contexts.to(device), key_valid.to(device), context_of.to(device)
+
+    cache = KVCache(model.cfg.n_layers, context_width + step_width, key_valid)
+    last = model.head(model.hidden_cached(contexts, cache)[:, -1]).index_select(0, context_of)
+    nll, correct = target_nll(last, firsts.to(device))
+    if not step_width:
+        return -nll, correct
+    cache.select_rows(context_of)
+    hidden = model.hidden_cached(steps.to(device), cache).flatten(0, 1)
+    picked = hidden.index_select(0, torch.tensor(scored_at, device=device))
+    step_nll, step_correct = target_nll(model.head(picked), torch.tensor(targets, device=device))
+    rows = torch.tensor(row_of, device=device)
+    nll = nll.index_add(0, rows, step_nll)
+    misses = torch.zeros(len(members), device=device).index_add(0, rows, (~step_correct).float())
+    return -nll, correct & (misses == 0)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ What is measured, and why this way:
 Where it runs: ``evaluate_checkpoint`` loads a checkpoint in a process of its own (``pretrain evaluate``;
 the CPU path); ``TrainingEval`` evaluates the model being trained on its own ranks between steps (the
 trainer's hook when its config has an ``eval``; the GPU path): no process start, no checkpoint read, a
-compiled forward reused at every checkpoint, the windows split over the ranks (benchmarks/RESULTS.md).
+compiled scorer reused at every checkpoint, the windows split over the ranks (benchmarks/RESULTS.md).
 
 With ``EvalConfig.tasks_dir`` (a folder as ``python -m tasks.build_eval_tasks`` writes it) the eval also
 scores its capability tasks (model/capability.py: ``task/<name>/acc``, ``task/<name>/acc_norm``) and
@@ -41,7 +41,7 @@ import math
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -363,9 +363,23 @@ class SliceSums:
         return {k: getattr(self, k).cpu().numpy() for k in ("tokens", "nll", "correct", "text_nll", "bytes")}
 
 
+WindowScorer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def window_scorer(model: torch.nn.Module, compiled: bool) -> WindowScorer:
+    """(inputs, targets) [B, T] -> per-position NLL (fp32) and argmax hit. Compiled, the model and the
+    scoring are one graph: the NLL and argmax read the bf16 logits in fused kernels instead of an fp32
+    copy per chunk (benchmarks/RESULTS.md)."""
+
+    def score(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return capability.target_nll(model(inputs), targets)
+
+    return torch.compile(score, dynamic=False) if compiled else score
+
+
 @torch.inference_mode()
 def score_windows(
-    model: torch.nn.Module,
+    score: WindowScorer,
     windows: Iterator[tuple[np.ndarray, np.ndarray]],
     byte_lengths: np.ndarray,
     n_slices: int,
@@ -389,7 +403,7 @@ def score_windows(
             tokens = tokens.pin_memory().to(device, non_blocking=True)
             slice_ids = slice_ids.pin_memory().to(device, non_blocking=True)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        nll, correct = capability.target_nll(model(inputs), targets)
+        nll, correct = score(inputs, targets)
         sums.add(slice_ids, nll, correct, table[targets])
     return {name: values[:n_slices] for name, values in sums.numpy().items()}
 
@@ -528,14 +542,14 @@ def evaluate_model(
     device: torch.device,
     started: float | None = None,
     *,
-    forward: torch.nn.Module | None = None,
+    scorer: WindowScorer | None = None,
     rank: int = 0,
     world: int = 1,
 ) -> EvalResult | None:
     """The metrics of a loaded model (see ``evaluate_checkpoint``), tasks and samples included.
 
-    ``forward``: what runs the validation windows (e.g. the model compiled); default the model, compiled
-    when ``config.compile``. With
+    ``scorer``: what scores the validation windows (``window_scorer``, kept by the caller so a compiled
+    one is built once); default the model's, compiled when ``config.compile``. With
     ``world`` > 1 (a process group of ``world`` ranks, each with the whole model), rank ``rank`` scores
     every ``world``-th window and the sums are all-reduced; rank 0 then scores the tasks, continues
     the prompts and returns the result, the other ranks return None at once."""
@@ -546,10 +560,8 @@ def evaluate_model(
     indices = sample_windows(slices, sequences, window, config)
     batch_tokens = config.batch_tokens or (65536 if device.type == "cuda" else 4096)
     batch = max(1, min(batch_tokens // info["seq_len"], -(-len(indices) // world)))
-    if forward is None:
-        forward = torch.compile(model, dynamic=False) if config.compile else model
     sums = score_windows(
-        forward,
+        scorer or window_scorer(model, bool(config.compile)),
         window_batches(inputs.data_dir, info, indices[rank::world], slices, batch),
         token_byte_lengths(inputs.tokenizer, inputs.vocab_size),
         len(slices.names),
@@ -655,7 +667,7 @@ class TrainingEval:
     """Evaluate the model being trained at its checkpoints, on the training ranks between steps.
 
     No process to start and no checkpoint to read: each rank keeps a plain copy of the model (bf16 on a
-    GPU: 2 bytes per parameter, kept between checkpoints so a compiled forward is built once), gathers
+    GPU: 2 bytes per parameter, kept between checkpoints so a compiled scorer is built once), gathers
     the sharded weights into it, scores its share of the validation windows; the sums are all-reduced
     and rank 0 scores the tasks, continues the prompts and writes the result to
     ``training_eval_path(checkpoint)``, which the pretrain flow logs (tasks/evaluate.py).
@@ -674,7 +686,7 @@ class TrainingEval:
         with torch.device(device), default_dtype(torch.bfloat16 if device.type == "cuda" else torch.float32):
             self.model = Transformer(shapes).eval()  # the RoPE tables are fp32 whatever the default
         compiled = self.config.compile if self.config.compile is not None else device.type == "cuda"
-        self.forward = torch.compile(self.model, dynamic=False) if compiled else self.model
+        self.scorer = window_scorer(self.model, compiled)
 
     def __call__(self, model: torch.nn.Module, step: int) -> EvalResult | None:
         """Evaluate ``model`` (sharded or plain) as the checkpoint of ``step``; the result on rank 0."""
@@ -685,7 +697,7 @@ class TrainingEval:
         with torch_threads(self.config.threads):
             result = evaluate_model(
                 self.model, inputs, self.config, self.device, started,
-                forward=self.forward, rank=self.rank, world=self.world,
+                scorer=self.scorer, rank=self.rank, world=self.world,
             )  # fmt: skip
         if result is not None:
             path = training_eval_path(checkpoint)

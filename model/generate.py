@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -141,6 +141,37 @@ def next_tokens(
     return chosen
 
 
+def decoder(model: Transformer, cache: KVCache, rows: int) -> Callable[[list[int]], torch.Tensor]:
+    """After a prefill of ``cache``: a function from each row's next id to the logits [rows, vocabulary]
+    of the position after it. On a GPU, ``Transformer.decode_step`` is captured once as a CUDA graph
+    and replayed at every position: one launch instead of a few hundred small kernels per token, which
+    is what a batch of 48 continuations spends its time on (``benchmarks/RESULTS.md``)."""
+    device = cache.position.device
+    if device.type != "cuda":
+        return lambda fed: model.forward_cached(torch.tensor(fed, device=device)[:, None], cache)[:, -1]
+    tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+    cache.position.fill_(cache.pos)
+    warmup = torch.cuda.Stream(device)
+    warmup.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(warmup):  # lazy initialisations run before the capture, as CUDA graphs need
+        model.decode_step(tokens, cache)  # its keys and values are overwritten by the first real step
+    torch.cuda.current_stream(device).wait_stream(warmup)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = model.decode_step(tokens, cache)[:, -1]
+
+    def step(fed: list[int]) -> torch.Tensor:
+        if cache.pos >= cache.max_len:
+            raise ValueError(f"{cache.pos + 1} positions exceed the cache ({cache.max_len})")
+        tokens.copy_(torch.tensor(fed)[:, None])
+        cache.position.fill_(cache.pos)
+        graph.replay()
+        cache.pos += 1
+        return logits
+
+    return step
+
+
 @torch.no_grad()
 def generate_batch(
     model: Transformer,
@@ -166,7 +197,8 @@ def generate_batch(
     outs: list[list[int]] = [[] for _ in rows]
     done = [False] * len(rows)
     with sdpa_kernel(DECODE_KERNELS):
-        logits = model.forward_cached(torch.tensor(rows, device=device), cache)[:, -1]
+        logits = model.head(model.hidden_cached(torch.tensor(rows, device=device), cache)[:, -1])
+        step = decoder(model, cache, len(rows))
         while True:
             fed = next_tokens(logits, decodings, generators)
             for r, token in enumerate(fed):
@@ -179,7 +211,7 @@ def generate_batch(
                     done[r] = len(outs[r]) == max_new_tokens
             if all(done):
                 return outs
-            logits = model.forward_cached(torch.tensor(fed, device=device)[:, None], cache)[:, -1]
+            logits = step(fed)
 
 
 def generate(

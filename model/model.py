@@ -24,7 +24,8 @@ logits are O(1). Norm weights start at one. ``init_weights`` can run after the p
 materialised from the meta device (and sharded), so large models are never built whole on one host.
 
 Incremental decoding (samples, ``model/generate.py``): ``Transformer.forward_cached(tokens, cache)``
-runs only the new tokens against a ``KVCache`` of the keys and values of the positions before them.
+runs only the new tokens against a ``KVCache`` of the keys and values of the positions before them;
+one new token per row goes through ``decode_step``, whose shapes never change (a CUDA graph replays it).
 Training never passes a cache: its forward is the plain causal one.
 """
 
@@ -114,26 +115,68 @@ def trunc_normal_(weight: torch.Tensor, std: float, generator: torch.Generator) 
 class KVCache:
     """Keys and values of the positions decoded so far, for ``Transformer.forward_cached``.
 
-    One preallocated buffer per layer, [batch, kv heads, max_len, head dim], filled on first use with
-    the dtype and device of the keys. ``pos`` counts the positions already in the cache.
+    One preallocated buffer per layer, [batch, kv heads, max_len, head dim], made on first use with
+    the dtype and device of the keys. ``pos`` counts the positions already in the cache; ``position``
+    holds the one ``decode_step`` writes, on the device, so the step reads no Python number.
+    ``key_valid`` [batch, max_len] (optional) is False at padding slots: rows of different lengths
+    left-padded to one width, which no query attends to. RoPE sees only relative positions, so a
+    left-padded row gives what it gives alone.
     """
 
-    def __init__(self, n_layers: int, max_len: int) -> None:
+    def __init__(self, n_layers: int, max_len: int, key_valid: torch.Tensor | None = None) -> None:
         self.max_len = max_len
         self.pos = 0
         self.keys: list[torch.Tensor | None] = [None] * n_layers
         self.values: list[torch.Tensor | None] = [None] * n_layers
+        self.position: torch.Tensor | None = None
+        self.key_valid = key_valid
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new positions' k, v [B, H, T, D] at ``pos``; return all keys and values so far."""
         if self.keys[layer] is None:
             B, H, _, D = k.shape
-            self.keys[layer] = k.new_empty(B, H, self.max_len, D)
-            self.values[layer] = v.new_empty(B, H, self.max_len, D)
+            # Zeros, not empty: decode_step attends over the whole buffer with the unwritten slots
+            # masked, and a NaN there would still reach the weighted sum (0 x NaN).
+            self.keys[layer] = k.new_zeros(B, H, self.max_len, D)
+            self.values[layer] = v.new_zeros(B, H, self.max_len, D)
+            self.position = torch.zeros(1, dtype=torch.long, device=k.device)
         end = self.pos + k.shape[2]
         self.keys[layer][:, :, self.pos : end] = k
         self.values[layer][:, :, self.pos : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def write_step(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one position's k, v [B, H, 1, D] at ``position``; return the whole buffers."""
+        self.keys[layer].index_copy_(2, self.position, k)
+        self.values[layer].index_copy_(2, self.position, v)
+        return self.keys[layer], self.values[layer]
+
+    def visible(self) -> torch.Tensor:
+        """[1 or B, 1, 1, max_len]: the slots a query at ``position`` attends to (itself and before)."""
+        slots = torch.arange(self.max_len, device=self.position.device)
+        seen = (slots <= self.position).view(1, 1, 1, -1)
+        return seen if self.key_valid is None else seen & self.key_valid[:, None, None, :]
+
+    def chunk_mask(self, T: int, device: torch.device) -> torch.Tensor | None:
+        """[1 or B, 1, T, pos + T]: the keys each of T new queries after ``pos`` positions attends to
+        (every earlier slot and, causally, each other; never a padding slot, but each query its own
+        slot, so a padding query has a key); None when that is plain causal attention."""
+        start = self.pos
+        if not start and self.key_valid is None:
+            return None
+        queries = torch.arange(T, device=device)[:, None] + start
+        keys = torch.arange(start + T, device=device)[None, :]
+        mask = keys <= queries
+        if self.key_valid is None:
+            return mask
+        return (mask & self.key_valid[:, None, None, : start + T]) | (keys == queries)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep the cached rows ``rows`` (ids, repeats allowed): e.g. one context per continuation."""
+        self.keys = [None if k is None else k.index_select(0, rows) for k in self.keys]
+        self.values = [None if v is None else v.index_select(0, rows) for v in self.values]
+        if self.key_valid is not None:
+            self.key_valid = self.key_valid.index_select(0, rows)
 
 
 class Attention(nn.Module):
@@ -155,15 +198,18 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         causal, mask = True, None
         if cache is not None:
-            # Incremental decoding: the new queries see every cached position and, causally, each other
-            # (one new query needs no mask). On an empty cache this is the training path's attention.
             kv_cache, layer = cache
             start = kv_cache.pos
-            cached_k, cached_v = kv_cache.append(layer, k, v)
-            if start:
-                k, v, causal = cached_k, cached_v, False
-                if T > 1:
-                    mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            if start and T == 1:  # decode_step: fixed shapes, the unwritten slots masked
+                k, v = kv_cache.write_step(layer, k, v)
+                causal, mask = False, kv_cache.visible()
+            else:
+                # On an empty cache without padding this is the training path's attention.
+                mask = kv_cache.chunk_mask(T, x.device)
+                causal = mask is None
+                cached_k, cached_v = kv_cache.append(layer, k, v)
+                if start:
+                    k, v = cached_k, cached_v
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
         )
@@ -257,15 +303,44 @@ class Transformer(nn.Module):
         Appends the tokens' keys and values to the cache. On an empty cache this is ``forward(tokens)``
         (the same kernels, the same logits); then one token at a time makes decoding linear in length.
         """
+        return self.head(self.hidden_cached(tokens, cache))
+
+    @torch.no_grad()
+    def hidden_cached(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """``forward_cached`` before the ``head``: the final hidden states [B, T, dim], so a caller that
+        needs the logits of a few positions (a prefill's last, a continuation's) computes only those."""
         start, T = cache.pos, tokens.shape[1]
         if start + T > min(cache.max_len, self.cfg.max_seq_len):
             raise ValueError(f"{start + T} positions exceed the cache ({cache.max_len}) or max_seq_len")
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        if start and T == 1:
+            cache.position.fill_(start)
+        h = self._cached_blocks(tokens, cache)
+        cache.pos += T
+        return h
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, 1, vocab] of one token per row [B, 1] at ``cache.position`` (after a prefill).
+
+        Writes their keys and values there and attends over the whole cache, masked: every shape and
+        every address is the same at each position, so one capture of this step as a CUDA graph serves
+        the whole continuation. The caller sets ``cache.position`` and advances ``cache.pos``.
+        """
+        return self.head(self._cached_blocks(tokens, cache))
+
+    def _cached_blocks(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        start, T = cache.pos, tokens.shape[1]
+        if start and T == 1:  # one position after a prefill: its angles read on the device (decode_step)
+            cos, sin = (
+                self.rope_cos.index_select(0, cache.position),
+                self.rope_sin.index_select(0, cache.position),
+            )
+        else:
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         h = self.tok_embeddings(tokens)
         for layer, block in enumerate(self.layers.values()):
             h = block(h, cos, sin, (cache, layer))
-        cache.pos += T
-        return self.head(h)
+        return h
 
     def head(self, h: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm and output projection; with targets, the loss (a unit of its own, compiled apart)."""

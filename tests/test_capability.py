@@ -366,6 +366,36 @@ def test_loglikelihoods_are_the_continuation_log_probabilities_whatever_the_batc
         assert ll == pytest.approx(ll_single, abs=1e-4)
 
 
+def test_choices_sharing_a_context_score_as_if_each_ran_alone():
+    """One pass per context (left-padded in a KV cache, choices after it) gives each request's own
+    full-forward log-likelihood: contexts of several lengths in one batch, one-token continuations,
+    and a context longer than the window cut to leave room for its longest continuation."""
+    model = Transformer(model_config("tiny", vocab_size=300, max_seq_len=48))
+    model.init_weights(seed=3)
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(1, 300, (n,), generator=gen).tolist()
+
+    contexts = [ids(5), ids(17), ids(1), ids(60)]  # the last is longer than the window
+    requests = [(c, ids(n)) for c in contexts for n in (1, 4, 9, 2)]
+    short = ids(2)  # with a long continuation: never in one batch with the long context (no room)
+    requests += [(short, ids(30)), (short, ids(3))]
+    random.Random(0).shuffle(requests)
+    for batch_tokens in (4096, 1):
+        scored = loglikelihoods(model, requests, batch_tokens=batch_tokens)
+        for (context, continuation), (ll, greedy) in zip(requests, scored, strict=True):
+            longest = max(len(x) for c, x in requests if c == context)
+            kept = context[-(48 + 1 - longest) :]
+            with torch.no_grad():
+                logits = model(torch.tensor([kept + continuation[:-1]]))[0]
+            logprobs = F.log_softmax(logits.float(), -1)[len(kept) - 1 :]
+            targets = torch.tensor(continuation)
+            assert ll == pytest.approx(float(logprobs.gather(-1, targets[:, None]).sum()), abs=1e-4)
+            assert greedy == bool((logprobs.argmax(-1) == targets).all())
+
+
 def test_acc_ranks_by_loglikelihood_and_acc_norm_by_loglikelihood_per_character():
     task = Task("t", "multiple_choice", " ", [], Path("t.yaml"))
     items = [Item("c", ["a", "a much longer choice"], 1), Item("c", ["x", "y", "zzz"], 0)]

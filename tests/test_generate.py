@@ -74,6 +74,33 @@ def test_prefix_then_chunk_then_single_tokens_match_the_full_forward():
         model.forward_cached(tokens[:, :1], cache)
 
 
+def test_left_padded_rows_decode_as_if_alone():
+    """Rows of different lengths, left-padded and masked (KVCache.key_valid), give each row's own
+    logits: the prefill, a chunk after it and the fixed-shape decode steps."""
+    model = tiny()
+    gen = torch.Generator().manual_seed(3)
+    rows = [torch.randint(0, VOCAB, (n,), generator=gen) for n in (12, 5, 9)]
+    steps = torch.randint(0, VOCAB, (3, 6), generator=gen)
+    width = 12
+    padded = torch.zeros(3, width, dtype=torch.long)
+    key_valid = torch.ones(3, width + 6, dtype=torch.bool)
+    for r, ids in enumerate(rows):
+        padded[r, width - len(ids) :] = ids
+        key_valid[r, : width - len(ids)] = False
+    with torch.no_grad():
+        cache = KVCache(model.cfg.n_layers, width + 6, key_valid)
+        prefill = model.forward_cached(padded, cache)
+        chunk = model.forward_cached(steps[:, :3], cache)
+        singles = [model.forward_cached(steps[:, t : t + 1], cache) for t in range(3, 6)]
+        got = torch.cat([chunk, *singles], dim=1)
+        for r, ids in enumerate(rows):
+            alone = model(torch.cat([ids, steps[r]])[None])[0]
+            torch.testing.assert_close(
+                prefill[r, width - len(ids) :], alone[: len(ids)], rtol=1e-5, atol=1e-5
+            )
+            torch.testing.assert_close(got[r], alone[len(ids) :], rtol=1e-5, atol=1e-5)
+
+
 def naive_greedy(model: Transformer, ids: list[int], n: int) -> list[int]:
     """Greedy decoding by a full forward over the whole sequence at every step (no cache)."""
     out = list(ids)
