@@ -29,6 +29,7 @@ from tasks import ablation as ab
 from tasks import dataset as ds
 from tasks import evaluate as ev
 from tasks import prefect_tasks as pt
+from tasks import workdir_lock
 from tasks.launchers import LocalLauncher
 from tasks.prefect_artifacts import artifact_key
 from tasks.run_tracking import TAG_DATA_REFRESH_RUN
@@ -81,6 +82,12 @@ class AblationParams(BaseModel):
         None, description="MLflow tracking server. Empty: $MLFLOW_TRACKING_URI, else SQLite in the workdir."
     )
     mlflow_experiment: str = Field("ablation", description="Experiment of the parent and child runs.")
+    lock_wait_s: float = Field(
+        default=0,
+        ge=0,
+        description="One ablation writes a workdir at a time: when another holds it, wait up to this many "
+        "seconds, then stop with a message naming the holder. 0: stop at once.",
+    )
 
 
 def default_launcher() -> LocalLauncher:
@@ -178,8 +185,16 @@ def proxy(
 @flow(name="ablation", log_prints=True)
 def ablation(params: AblationParams = AblationParams()) -> list[dict[str, Any]]:  # noqa: B008 (the UI form's defaults)
     """Build each recipe's data, train and score a proxy on each; returns the comparison rows."""
-    logger = get_run_logger()
+    from prefect.runtime import flow_run
+
     root = Path(params.workdir).resolve()
+    # The recipes share its stage store, held-out set and run directories: one ablation at a time.
+    with workdir_lock.hold(root, params.lock_wait_s, flow_run=flow_run.id):
+        return run_ablation(params, root)
+
+
+def run_ablation(params: AblationParams, root: Path) -> list[dict[str, Any]]:
+    logger = get_run_logger()
     uri = tracking_uri(params.mlflow_tracking_uri, root)
     recipes = {r.name: r for r in params.recipes}
     refresh = ab.recipe_params(params.base, params.recipes, root / "data")

@@ -374,9 +374,15 @@ def cmd_thresholds_derive(args: argparse.Namespace) -> int:
 def cmd_ablation(args: argparse.Namespace) -> int:
     from flows.ablation import AblationParams, ablation
     from flows.data_refresh import crawl_files
+    from tasks import workdir_lock
     from tasks.ablation import recipe_params
 
-    overrides = {"name": args.name, "workdir": args.workdir, "tokens": args.tokens}
+    overrides = {
+        "name": args.name,
+        "workdir": args.workdir,
+        "tokens": args.tokens,
+        "lock_wait_s": args.lock_wait,
+    }
     params = load_params(AblationParams, args.config, overrides)
     if args.recipe:  # NAME or NAME=overrides.yaml; they replace the config's recipes
         recipes = []
@@ -391,7 +397,8 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"pretrain ablation: {exc}", file=sys.stderr)
         return 2
-    with prefect_api():
+    # A busy workdir: one line now, not after a server start; the flow holds it while it runs.
+    with workdir_lock.hold(Path(params.workdir).resolve(), params.lock_wait_s), prefect_api():
         rows = ablation(params)
     for row in rows:
         print(f"{row['run']:<24} held-out bpb {row['eval_bpb']:.4f} ({row['delta_bpb']:+.4f} vs baseline)")
@@ -546,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="parent MLflow run name (default: ablation)")
     p.add_argument("--workdir", help="default: workdir/ablation")
     p.add_argument("--tokens", type=int, help="training tokens per proxy")
+    p.add_argument("--lock-wait", type=float, help=LOCK_WAIT_HELP)
     p.set_defaults(func=cmd_ablation)
 
     p = sub.add_parser("lineage", help="crawl files -> datasets -> training run -> checkpoint -> version")

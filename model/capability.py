@@ -331,7 +331,7 @@ def encode_requests(
 
 
 NLL_CHUNK_TOKENS = 8192  # positions whose logits are upcast to fp32 at a time
-WIDTH_STEP = 64  # batch widths are rounded up to a multiple of this: few distinct shapes to run
+WIDTH_STEP = 8  # widths are rounded up to a multiple of this (tensor cores); eager kernels take any shape
 # Not cuDNN attention for the tasks' many widths: it builds a plan per shape (tens of ms each on an H200).
 TASK_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -365,12 +365,12 @@ def loglikelihoods(
     is the greedy continuation.
 
     The requests of one context (a multiple-choice item's choices) share one pass over it: a batch's
-    contexts are left-padded to one width and run through a KV cache (``Transformer.forward_cached``;
-    padding slots masked), then every continuation runs after its own context's cached keys and
-    values, so each context is computed once instead of once per choice. Widths are rounded up to
-    ``WIDTH_STEP``; a batch holds about ``batch_tokens`` positions; the host waits for the device
-    once, at the end. A context longer than the model's window keeps its last tokens, as many as the
-    longest continuation of that context leaves room for (lm-eval cuts per continuation)."""
+    contexts are left-padded to one width and run through a KV cache (``Transformer.hidden_cached``;
+    padding slots masked), then the continuations run after their own context's cached keys and
+    values, in runs of similar length (each run padded to its own longest), and logits are made only
+    at the scored positions. A batch holds about ``batch_tokens`` positions; the host waits for the
+    device once, at the end. A context longer than the model's window keeps its last tokens, as many
+    as the longest continuation of that context leaves room for (lm-eval cuts per continuation)."""
     max_len = model.cfg.max_seq_len
     contexts: dict[tuple[int, ...], list[int]] = {}  # context ids -> the requests that continue it
     for i, (context, continuation) in enumerate(requests):
@@ -387,21 +387,17 @@ def loglikelihoods(
     with sdpa_kernel(TASK_KERNELS):
         start = 0
         while start < len(groups):
-            end, context_len, step_len = start, 0, 0
-            while end < len(groups):  # grow the batch while its padded positions fit batch_tokens
-                context, members = groups[end]
-                c = max(context_len, len(context))
-                q = max(step_len, *(len(continuations[i]) - 1 for i in members))
-                widths = _batch_widths(c, q, max_len)
-                rows = sum(len(m) for _, m in groups[start : end + 1])
-                over = c + q > max_len or (end + 1 - start) * widths[0] + rows * widths[1] > batch_tokens
-                if end > start and over:  # a group alone always fits the window
+            longest = len(groups[start][0])  # the groups are sorted: the batch's longest context
+            end, positions, steps = start, 0, 0
+            while end < len(groups):  # a group alone always fits; more while the batch fits
+                members = groups[end][1]
+                more = _round_up(longest) + sum(len(continuations[i]) - 1 for i in members)
+                longest_steps = max(steps, *(len(continuations[i]) - 1 for i in members))
+                if end > start and (positions + more > batch_tokens or longest + longest_steps > max_len):
                     break
-                context_len, step_len, end = c, q, end + 1
+                positions, steps, end = positions + more, longest_steps, end + 1
             batch = groups[start:end]
-            ll, hit = _score_batch(
-                model, batch, continuations, *_batch_widths(context_len, step_len, max_len)
-            )
+            ll, hit = _score_batch(model, batch, continuations)
             scores.append(ll)
             greedy.append(hit)
             order += [i for _, members in batch for i in members]
@@ -414,54 +410,61 @@ def loglikelihoods(
     return results
 
 
-def _batch_widths(context_len: int, step_len: int, max_len: int) -> tuple[int, int]:
-    """The padded widths of a batch's contexts and continuation steps (each rounded up to
-    ``WIDTH_STEP`` where the model's window leaves room)."""
-    steps = min(_round_up(step_len), max_len - context_len)
-    return min(_round_up(context_len), max_len - steps), steps
+def _runs_by_length(lengths: list[int]) -> list[list[int]]:
+    """The indices of the non-zero ``lengths``, longest first, in runs whose lengths stay above 2/3 of
+    the run's first: each run is padded to its own longest, so short continuations do not pay for long
+    ones."""
+    runs: list[list[int]] = []
+    for r in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
+        if not lengths[r]:
+            break
+        if runs and 3 * lengths[r] >= 2 * lengths[runs[-1][0]]:
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    return runs
 
 
 def _score_batch(
-    model: Transformer,
-    groups: list[tuple[list[int], list[int]]],
-    continuations: list[list[int]],
-    context_width: int,
-    step_width: int,
+    model: Transformer, groups: list[tuple[list[int], list[int]]], continuations: list[list[int]]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-likelihood, greedy) of each request of ``groups``, in their order, on the device."""
-    device = model.rope_cos.device
+    device, max_len = model.rope_cos.device, model.cfg.max_seq_len
+    members = [i for _, m in groups for i in m]
+    # The rest of each continuation after its first token: fed its tokens but the last.
+    step_lens = [len(continuations[i]) - 1 for i in members]
+    longest_context = max(len(context) for context, _ in groups)
+    step_width = min(_round_up(max(step_lens)), max_len - longest_context)
+    context_width = min(_round_up(longest_context), max_len - step_width)
     contexts = torch.zeros(len(groups), context_width, dtype=torch.long)
     key_valid = torch.ones(len(groups), context_width + step_width, dtype=torch.bool)
     for g, (context, _) in enumerate(groups):
         contexts[g, context_width - len(context) :] = torch.tensor(context)
         key_valid[g, : context_width - len(context)] = False
-    members = [i for _, m in groups for i in m]
     context_of = torch.tensor([g for g, (_, m) in enumerate(groups) for _ in m])
     firsts = torch.tensor([continuations[i][0] for i in members])
-    # The rest of each continuation: fed its tokens but the last, scored at the positions (flat
-    # indices, made here so the device never has to be asked) that predict its second token on.
-    steps = torch.zeros(len(members), step_width, dtype=torch.long)
-    scored_at, targets, row_of = [], [], []
-    for r, i in enumerate(members):
-        continuation = continuations[i]
-        steps[r, : len(continuation) - 1] = torch.tensor(continuation[:-1])
-        scored_at += range(r * step_width, r * step_width + len(continuation) - 1)
-        targets += continuation[1:]
-        row_of += [r] * (len(continuation) - 1)
-    contexts, key_valid, context_of = contexts.to(device), key_valid.to(device), context_of.to(device)
 
-    cache = KVCache(model.cfg.n_layers, context_width + step_width, key_valid)
-    last = model.head(model.hidden_cached(contexts, cache)[:, -1]).index_select(0, context_of)
-    nll, correct = target_nll(last, firsts.to(device))
-    if not step_width:
-        return -nll, correct
-    cache.select_rows(context_of)
-    hidden = model.hidden_cached(steps.to(device), cache).flatten(0, 1)
-    picked = hidden.index_select(0, torch.tensor(scored_at, device=device))
-    step_nll, step_correct = target_nll(model.head(picked), torch.tensor(targets, device=device))
-    rows = torch.tensor(row_of, device=device)
-    nll = nll.index_add(0, rows, step_nll)
-    misses = torch.zeros(len(members), device=device).index_add(0, rows, (~step_correct).float())
+    cache = KVCache(model.cfg.n_layers, context_width + step_width, key_valid.to(device))
+    last = model.head(model.hidden_cached(contexts.to(device), cache)[:, -1])
+    nll, correct = target_nll(last.index_select(0, context_of.to(device)), firsts.to(device))
+    misses = torch.zeros(len(members), device=device)
+    for run in _runs_by_length(step_lens):
+        width = min(_round_up(step_lens[run[0]]), step_width)
+        steps = torch.zeros(len(run), width, dtype=torch.long)
+        scored_at, targets, row_of = [], [], []  # flat positions, made here: the device is never asked
+        for j, r in enumerate(run):
+            continuation = continuations[members[r]]
+            steps[j, : step_lens[r]] = torch.tensor(continuation[:-1])
+            scored_at += range(j * width, j * width + step_lens[r])
+            targets += continuation[1:]
+            row_of += [r] * step_lens[r]
+        run_cache = cache.rows(context_of[run].to(device))
+        hidden = model.hidden_cached(steps.to(device), run_cache).flatten(0, 1)
+        picked = hidden.index_select(0, torch.tensor(scored_at, device=device))
+        step_nll, step_correct = target_nll(model.head(picked), torch.tensor(targets, device=device))
+        rows = torch.tensor(row_of, device=device)
+        nll = nll.index_add(0, rows, step_nll)
+        misses = misses.index_add(0, rows, (~step_correct).float())
     return -nll, correct & (misses == 0)
 
 

@@ -171,12 +171,14 @@ class KVCache:
             return mask
         return (mask & self.key_valid[:, None, None, : start + T]) | (keys == queries)
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep the cached rows ``rows`` (ids, repeats allowed): e.g. one context per continuation."""
-        self.keys = [None if k is None else k.index_select(0, rows) for k in self.keys]
-        self.values = [None if v is None else v.index_select(0, rows) for v in self.values]
-        if self.key_valid is not None:
-            self.key_valid = self.key_valid.index_select(0, rows)
+    def rows(self, rows: torch.Tensor) -> KVCache:
+        """A cache of the rows ``rows`` of this one (ids, repeats allowed): e.g. one context per continuation."""
+        valid = None if self.key_valid is None else self.key_valid.index_select(0, rows)
+        picked = KVCache(len(self.keys), self.max_len, valid)
+        picked.pos, picked.position = self.pos, self.position
+        picked.keys = [None if k is None else k.index_select(0, rows) for k in self.keys]
+        picked.values = [None if v is None else v.index_select(0, rows) for v in self.values]
+        return picked
 
 
 class Attention(nn.Module):

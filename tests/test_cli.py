@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from flows import cli
 from flows.cli import main
 from tests.conftest import snapshot_files
+from tests.test_workdir_lock import _holder
 
 
 def _lid_dev_slice(corpus: Path, path: Path, n: int = 40) -> list[dict]:
@@ -128,3 +130,24 @@ def test_cache_status_of_a_fresh_workdir_redoes_ingest_first(tmp_path: Path, cap
     assert all(line.split()[2] == "maybe" for line in lines[1:]), lines
     assert main(["cache", "invalidate", "--stage", "quality", "--workdir", str(tmp_path)]) == 0
     assert "quality, classifier, pii, boilerplate, dedup, tokenizer, pack" in capsys.readouterr().out
+
+
+def test_an_ablation_on_a_busy_workdir_is_one_line_before_any_server(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """The recipes share the ablation workdir's stage store and runs: a second ablation there stops
+    with the holder named (exit 2), before a Prefect server starts."""
+
+    def no_server() -> None:
+        raise AssertionError("a Prefect server was started for a busy workdir")
+
+    monkeypatch.setattr(cli, "prefect_api", no_server)
+    holder = _holder(tmp_path, seconds=60)
+    try:
+        code = main(["ablation", "--workdir", str(tmp_path), "--recipe", "a", "--recipe", "b"])
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err.startswith("pretrain ablation: ") and f"pid {holder.pid} on " in err

@@ -32,6 +32,7 @@ def _params(crawl: Path, workdir: Path, **extra):
             "ingest": {"max_records_per_file": 150},
             "tokenizer": {"vocab_size": 1024},
             "pack": {"seq_len": 128},
+            "mlflow_tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}",  # the default, whatever the env
             **extra,
         }
     )
@@ -115,6 +116,8 @@ def test_data_refresh_end_to_end_then_cached(prefect_harness, crawl: Path, tmp_p
     assert [r.action for r in cache_status(_params(crawl, workdir)).stages] == ["cached"] * len(
         run_by_default
     )
+    # Its MLflow run, before the runs below change the stages' outputs.
+    assert_mlflow_run_has_inputs_outputs_configs_code_and_tables(_params(crawl, workdir), result)
 
     # A killed writer's temporary file is litter the stage's next run removes.
     litter = snapshot_dir / "quality" / ".part-00000.parquet.x1y2z3.tmp"
@@ -151,17 +154,12 @@ def test_data_refresh_end_to_end_then_cached(prefect_harness, crawl: Path, tmp_p
     ), states
 
 
-def test_mlflow_run_has_inputs_outputs_configs_code_and_tables(
-    prefect_harness, crawl: Path, tmp_path_factory
-) -> None:
+def assert_mlflow_run_has_inputs_outputs_configs_code_and_tables(params, result: dict) -> None:
+    """The MLflow run of a refresh: checked on the first run of the test above (one refresh fewer)."""
     import mlflow
 
-    from flows.data_refresh import data_refresh
-
-    workdir = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    result = data_refresh(_params(crawl, workdir, max_files=1, mlflow_tracking_uri=uri))
-    client = mlflow.MlflowClient(tracking_uri=uri)
+    workdir = Path(params.workdir)
+    client = mlflow.MlflowClient(tracking_uri=params.mlflow_tracking_uri)
     run = client.get_run(result["mlflow_run_id"])
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"

@@ -69,14 +69,15 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def pipeline_run(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory, prefect_harness) -> dict:
-    """One crawl file refreshed into versioned training data, then 20 steps trained and evaluated."""
+    """One crawl file (its first 150 records) refreshed into versioned training data, then 20 steps
+    trained and evaluated."""
     workdir = tmp_path_factory.mktemp("e2e")
     refreshed = data_refresh(
         DataRefreshParams(
             crawl=str(snapshot_files("CC-MAIN-2026-40", "wet")[0]),
             workdir=str(workdir),
-            ingest={"max_records_per_file": 300},
-            tokenizer={"vocab_size": 512, "reserved_tokens": 4, "sample_chars": 600_000},
+            ingest={"max_records_per_file": 150},
+            tokenizer={"vocab_size": 512, "reserved_tokens": 4, "sample_chars": 300_000},
             pack={"seq_len": 32, "validation_fraction": 0.1},
             mlflow_tracking_uri=mlflow_server,
         )

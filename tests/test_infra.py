@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from infra import local
-from tests.conftest import free_port
+from tests.conftest import free_port, migrated_prefect_db
 
 
 def gone(pid: int) -> bool:
@@ -149,6 +149,8 @@ def test_the_printed_serve_command_serves_the_runs_made_without_a_platform(tmp_p
     command = local.serve_command(uri)
     assert command and command.startswith("pretrain up ")
     args = cli.build_parser().parse_args(command.split()[1:])  # the line parses as it is printed
+    # A fresh database's migrations are the first test's; here only MLflow's stores matter.
+    migrated_prefect_db(tmp_path / "home" / "prefect" / "prefect.db")
     with local.running(
         tmp_path / "home",
         prefect_port=free_port(),
@@ -203,6 +205,7 @@ def test_auth_refuses_anonymous_calls_and_keeps_secrets_out_of_logs(
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", mlflow_password)
     monkeypatch.setenv("MLFLOW_FLASK_SERVER_SECRET_KEY", flask_key)
     home = tmp_path / "home"
+    migrated_prefect_db(home / "prefect" / "prefect.db")  # a fresh database's migrations: the first test's
     try:
         platform = local.up(
             home, prefect_port=free_port(), mlflow_port=free_port(), auth=True, deploy=False, timeout=240

@@ -23,7 +23,7 @@ from model.config import MlflowConfig, TrainConfig
 from model.run_dir import RunDir
 from model.tracking import BufferedClient, log_batch
 from tasks.launchers import TrainJob, local_env, write_run_config
-from tests.conftest import free_port
+from tests.conftest import free_port, migrated_prefect_db
 from tests.test_run_health import tiny_packed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -293,6 +293,7 @@ def test_prefect_server_killed_and_restarted_the_run_completes(packed: Path, tmp
     }
     argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     server = Server(argv, server_env, f"{url}/health", tmp_path / "prefect-server.log")
+    migrated_prefect_db(tmp_path / "prefect.db")  # start-up without a fresh database's migrations
     job = tiny_run(packed, tmp_path, "faulty-prefect")
     (tmp_path / "flow.py").write_text(FLOW_SCRIPT)
     # The client's retries span a slow restart (2 + 4 + ... + 256 s; default 5 retries: about 1 min).
