@@ -306,15 +306,32 @@ def apply_automations(
         AutomationCore.model_validate(a) for a in yaml.safe_load(spec.read_text()).get("automations") or []
     ]
     with httpx.Client(base_url=api_url, headers=headers or {}, timeout=60.0) as client:
-        found = client.post("/automations/filter", json={}).raise_for_status().json()
+        found = _api_call(client, "POST", "/automations/filter", {}).json()
         existing = {a["name"]: a["id"] for a in found}
         for automation in wanted:
             body = automation.model_dump(mode="json", exclude={"owner_resource"})  # not updatable
             if automation.name in existing:
-                client.put(f"/automations/{existing[automation.name]}", json=body).raise_for_status()
+                _api_call(client, "PUT", f"/automations/{existing[automation.name]}", body)
             else:
-                client.post("/automations/", json=body).raise_for_status()
+                _api_call(client, "POST", "/automations/", body)
     return [a.name for a in wanted]
+
+
+RETRIED_STATUS = {429, 502, 503}  # a busy or restarting server, as Prefect's own client retries
+
+
+def _api_call(client: httpx.Client, method: str, path: str, body: Any, attempts: int = 6) -> httpx.Response:
+    """One Prefect API call, retried with backoff (0.5 s doubling, about 15 s in all) while the server
+    is busy (a SQLite database under load answers 503) or not answering."""
+    for attempt in range(attempts - 1):
+        try:
+            response = client.request(method, path, json=body)
+            if response.status_code not in RETRIED_STATUS:
+                return response.raise_for_status()
+        except httpx.TransportError:
+            pass
+        time.sleep(min(0.5 * 2**attempt, 8.0))
+    return client.request(method, path, json=body).raise_for_status()  # the last try: its error is raised
 
 
 # --- services ---------------------------------------------------------------------------------------

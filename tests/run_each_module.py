@@ -7,7 +7,9 @@ forever for its training task (open: see the closing note of 2026-11-29).
 
 Arguments: module paths to run (default: every ``tests/test_*.py``); ``--jobs N`` runs N modules at
 once (default 2: most modules wait on servers and subprocesses, so two share two cores well). The
-slowest modules start first, by the durations the last run wrote to ``test-output/durations.json``.
+slowest modules start first, by the durations the last run wrote to ``test-output/durations.json``,
+else by ``tests/module_seconds.json`` (a CI run's, kept in the repository so a fresh checkout does not
+start its slowest module last).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?)\b")
 REPO = Path(__file__).resolve().parents[1]
 DURATIONS = REPO / "test-output" / "durations.json"
+KNOWN_DURATIONS = REPO / "tests" / "module_seconds.json"
 
 
 def run_module(module: str) -> tuple[str, int, str, float]:
@@ -41,7 +44,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args(argv)
     modules = args.modules or [str(p.relative_to(REPO)) for p in sorted((REPO / "tests").glob("test_*.py"))]
-    known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    known = json.loads((DURATIONS if DURATIONS.exists() else KNOWN_DURATIONS).read_text())
     modules.sort(key=lambda m: -known.get(m, float("inf")))  # unknown first, then the slowest
     totals = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
     broken, durations = [], {}

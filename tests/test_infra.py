@@ -337,3 +337,29 @@ def test_k8s_manifests_reference_only_documented_secrets_and_variables() -> None
         "POSTGRES_PASSWORD",
     } <= documented
     assert "PREFECT_API_AUTH_STRING" in secret_keys and "MLFLOW_TRACKING_PASSWORD" in secret_keys
+
+
+def test_api_calls_outlast_a_busy_server_and_then_fail_loudly() -> None:
+    """apply_automations' calls: a 503 (SQLite under load) or a dropped connection is retried; a
+    client error is not, and a server that stays busy ends in the HTTP error."""
+    answers = iter([httpx.ConnectError("refused"), httpx.Response(503), httpx.Response(200, json=[])])
+    seen = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.method)
+        reply = next(answers)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    with httpx.Client(base_url="http://prefect", transport=httpx.MockTransport(answer)) as client:
+        assert local._api_call(client, "POST", "/automations/filter", {}).json() == []
+    assert seen == ["POST"] * 3
+
+    def status(code: int) -> httpx.MockTransport:
+        return httpx.MockTransport(lambda request: httpx.Response(code))
+
+    for code, attempts in ((422, 6), (503, 2)):
+        client = httpx.Client(base_url="http://prefect", transport=status(code))
+        with client, pytest.raises(httpx.HTTPStatusError, match=str(code)):
+            local._api_call(client, "PUT", "/automations/x", {}, attempts=attempts)
